@@ -1,0 +1,401 @@
+//! The records on the pipes between the reactor and its children, and their framing.
+//!
+//! One `enum` per direction. Variants are append-only: postcard encodes a variant as its
+//! index, so the index is wire format. The first record each way is `Hello` with
+//! [`VERSION`]; a mismatch is fatal for the child.
+//!
+//! A frame is a 4-byte little-endian length, then that many postcard bytes. The length is
+//! checked against [`MAX_FRAME`] before anything is allocated for it.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of the records below; bumped when a variant changes meaning.
+pub const VERSION: u32 = 1;
+
+/// Largest frame body either side accepts. A LIST answer is chunked to stay under it.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Reactor → store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToStore {
+    /// First record: the reactor's record version.
+    Hello { version: u32 },
+    /// Upsert a subscription; `now` (Unix seconds) is its timestamp if it is new.
+    Subscribe { req: u64, email: String, event: String, now: i64 },
+    /// Delete a subscription (no error when there was none).
+    Unsubscribe { req: u64, email: String, event: String },
+    /// Store a notification and queue its emails as `mail` says. Idempotent by `id`.
+    Publish { req: u64, id: u64, event: String, text: String, now: i64, mail: MailPlan },
+    /// The stored subscriptions of an address, answered with `ListChunk`s.
+    List { req: u64, email: String },
+    /// Durably reserve the next `count` notification ids (committed with synchronous=FULL).
+    ReserveIds { req: u64, count: u64 },
+    /// Hand out up to `max` emails that are due at `now`, leasing them to the caller.
+    TakeMail { req: u64, max: u32, now: i64 },
+    /// Outcomes reported by a mailer.
+    MailDone { req: u64, results: Vec<MailResult>, now: i64 },
+    /// Settings that a reload may change.
+    Configure(StoreSettings),
+}
+
+/// Store → reactor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromStore {
+    /// First record: the store's record version.
+    Hello { version: u32 },
+    /// The request is committed.
+    Done { req: u64 },
+    /// The request failed in the database (busy, disk full, read-only); it may or may not
+    /// have taken effect.
+    Failed { req: u64, reason: String },
+    /// Part of a LIST answer: `(event, created_at)` rows in event byte order; `last` ends it.
+    ListChunk { req: u64, rows: Vec<(String, i64)>, last: bool },
+    /// Ids `start..end` are reserved for the reactor, durably.
+    Ids { req: u64, start: u64, end: u64 },
+    /// Emails to send now, and when the next pending one falls due (Unix seconds).
+    Mail { req: u64, jobs: Vec<MailJob>, next_due: Option<i64> },
+}
+
+/// Reactor → mailer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToMailer {
+    /// First record: the reactor's record version.
+    Hello { version: u32 },
+    /// The transport and its settings; sent after `Hello` and again after a reload.
+    Configure(MailSettings),
+    /// Send these emails and report one `MailResult` for each.
+    Send { jobs: Vec<MailJob> },
+}
+
+/// Mailer → reactor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromMailer {
+    /// First record: the mailer's record version.
+    Hello { version: u32 },
+    /// Outcomes of (some of) the jobs it was sent, in any order.
+    Results { results: Vec<MailResult> },
+}
+
+/// Whom a publication emails, decided by the reactor from `mail_policy` and
+/// `mail_transport` at publish time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailPlan {
+    /// Nobody (policy `none`, or transport `none`).
+    Nobody,
+    /// Every address subscribed to the event.
+    All,
+    /// Every subscribed address except these (policy `offline`: they are live).
+    AllExcept(Vec<String>),
+}
+
+/// One email to one address about one notification. `(id, email)` is its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailJob {
+    /// The notification id.
+    pub id: u64,
+    /// The recipient.
+    pub email: String,
+    /// The event the notification was published on.
+    pub event: String,
+    /// The notification text, as published.
+    pub text: String,
+    /// When the notification was published (Unix seconds).
+    pub created_at: i64,
+    /// Tries made before this one.
+    pub tries: u32,
+}
+
+/// What became of one email.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailResult {
+    /// The notification id of the job.
+    pub id: u64,
+    /// The recipient of the job.
+    pub email: String,
+    /// Sent, or why not.
+    pub outcome: MailOutcome,
+}
+
+/// The outcome of one try.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailOutcome {
+    /// Accepted by the transport.
+    Sent,
+    /// A temporary failure (connection refused, 4xx): try again later.
+    Retry(String),
+    /// A permanent failure (5xx, invalid message): do not try again.
+    Fail(String),
+}
+
+/// Store settings that a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreSettings {
+    /// `synchronous=FULL` when true, `NORMAL` when false.
+    pub sync_full: bool,
+    /// Days to keep notifications and finished emails; 0 keeps everything.
+    pub keep_days: u32,
+    /// Seconds before the second try of an email.
+    pub mail_retry_base: u32,
+    /// Tries before an email is given up.
+    pub mail_max_tries: u32,
+    /// How long the store waits on a locked database before it answers `Failed`.
+    pub busy_timeout_ms: u32,
+}
+
+/// How the mailer sends, with the secrets the reactor read for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailSettings {
+    /// Which transport.
+    pub transport: Transport,
+    /// The sender address.
+    pub from: String,
+    /// SMTP relay host.
+    pub smtp_host: String,
+    /// SMTP relay port.
+    pub smtp_port: u16,
+    /// TLS to the relay.
+    pub smtp_tls: SmtpTls,
+    /// SMTP AUTH user; empty for none.
+    pub smtp_user: String,
+    /// SMTP AUTH password, read from `smtp_password_file` by the reactor.
+    pub smtp_password: String,
+    /// Extra CA certificate (PEM) to trust, read from `smtp_ca_file` by the reactor.
+    pub smtp_ca_pem: Option<Vec<u8>>,
+    /// The sendmail program.
+    pub sendmail_path: String,
+    /// The spool folder (absolute).
+    pub spool_dir: String,
+}
+
+/// `mail_transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    /// An SMTP relay.
+    Smtp,
+    /// The local sendmail program.
+    Sendmail,
+    /// `.eml` files in a folder.
+    Spool,
+    /// No email at all.
+    None,
+}
+
+/// `smtp_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SmtpTls {
+    /// Plain text.
+    None,
+    /// STARTTLS, required.
+    Starttls,
+    /// TLS from the first byte.
+    Tls,
+}
+
+/// A frame that cannot be decoded: the pipe is broken and its child is restarted.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The length prefix is over [`MAX_FRAME`].
+    TooLarge(usize),
+    /// The body is not a valid record.
+    Decode(postcard::Error),
+    /// The body has bytes after the record.
+    Trailing(usize),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooLarge(n) => write!(f, "frame of {n} bytes is over the {MAX_FRAME} maximum"),
+            FrameError::Decode(e) => write!(f, "undecodable frame: {e}"),
+            FrameError::Trailing(n) => write!(f, "frame has {n} trailing bytes"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl From<postcard::Error> for FrameError {
+    fn from(e: postcard::Error) -> Self {
+        FrameError::Decode(e)
+    }
+}
+
+/// Appends one frame holding `msg` to `out`, with no allocation beyond `out`'s growth.
+pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    // Serializing plain data into a Vec cannot fail.
+    let mut v = std::mem::take(out);
+    v = postcard::to_extend(msg, v).expect("postcard encodes into a Vec");
+    *out = v;
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// `Ok(None)`: not enough bytes yet. `Ok(Some((msg, used)))`: one whole frame.
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(head) = buf.first_chunk::<4>() else { return Ok(None) };
+    let len = u32::from_le_bytes(*head) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len)); // before any allocation
+    }
+    let Some(body) = buf.get(4..4 + len) else { return Ok(None) };
+    let (msg, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    Ok(Some((msg, 4 + len)))
+}
+
+/// Bytes read from a pipe, from which whole frames are taken; the unread tail is kept.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameReader {
+    /// Space to read into: the caller reads into the returned slice and calls `filled`.
+    pub fn spare(&mut self, min: usize) -> &mut [u8] {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.buf.capacity() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + min, 0);
+        &mut self.buf[len..]
+    }
+
+    /// After reading `n` bytes into the slice from `spare(min)`.
+    pub fn filled(&mut self, min: usize, n: usize) {
+        let len = self.buf.len();
+        self.buf.truncate(len - min + n);
+    }
+
+    /// The next whole frame, if there is one.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        match decode(&self.buf[self.start..])? {
+            Some((msg, used)) => {
+                self.start += used;
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes held that are not yet a whole frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<ToStore> {
+        vec![
+            ToStore::Hello { version: VERSION },
+            ToStore::Subscribe { req: 1, email: "a@b".into(), event: "e".into(), now: 5 },
+            ToStore::Publish {
+                req: u64::MAX,
+                id: 7,
+                event: "ev".into(),
+                text: "héllo wörld".into(),
+                now: -1,
+                mail: MailPlan::AllExcept(vec!["x@y".into()]),
+            },
+            ToStore::MailDone {
+                req: 3,
+                results: vec![MailResult {
+                    id: 1,
+                    email: "a@b".into(),
+                    outcome: MailOutcome::Retry("421".into()),
+                }],
+                now: 0,
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_and_incomplete() {
+        let mut out = Vec::new();
+        for m in sample() {
+            encode(&m, &mut out);
+        }
+        let mut at = 0;
+        for m in sample() {
+            // Every strict prefix of a frame is "not yet".
+            let (got, used): (ToStore, usize) = decode(&out[at..]).unwrap().unwrap();
+            for cut in 0..used {
+                assert!(decode::<ToStore>(&out[at..at + cut]).unwrap().is_none());
+            }
+            assert_eq!(got, m);
+            at += used;
+        }
+        assert_eq!(at, out.len());
+    }
+
+    #[test]
+    fn lying_length_is_refused_before_allocation() {
+        let buf = u32::MAX.to_le_bytes();
+        assert!(matches!(decode::<ToStore>(&buf), Err(FrameError::TooLarge(_))));
+        let buf = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(decode::<ToStore>(&buf), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut out = Vec::new();
+        encode(&FromStore::Done { req: 1 }, &mut out);
+        out[0] += 1;
+        out.push(0);
+        assert!(matches!(decode::<FromStore>(&out), Err(FrameError::Trailing(1))));
+    }
+
+    #[test]
+    fn reader_takes_frames_across_reads() {
+        let mut wire = Vec::new();
+        for m in sample() {
+            encode(&m, &mut wire);
+        }
+        let mut r = FrameReader::default();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(3) {
+            let s = r.spare(3);
+            s[..chunk.len()].copy_from_slice(chunk);
+            r.filled(3, chunk.len());
+            while let Some(m) = r.next::<ToStore>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, sample());
+        assert_eq!(r.pending(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ToStore>(&bytes);
+            let _ = decode::<FromStore>(&bytes);
+            let _ = decode::<ToMailer>(&bytes);
+            let _ = decode::<FromMailer>(&bytes);
+        }
+
+        #[test]
+        fn encode_then_decode(req in any::<u64>(), email in ".{0,40}", event in "[a-z.]{1,20}", now in any::<i64>()) {
+            let m = ToStore::Subscribe { req, email, event, now };
+            let mut out = Vec::new();
+            encode(&m, &mut out);
+            let (got, used): (ToStore, usize) = decode(&out).unwrap().unwrap();
+            prop_assert_eq!(used, out.len());
+            prop_assert_eq!(got, m);
+        }
+    }
+}
