@@ -1,3 +1,5 @@
 //! notifd: a live-notification daemon. See ARCHITECTURE.md in the README for the map.
 
+pub mod config;
 pub mod ipc;
+pub mod protocol;

@@ -1,0 +1,543 @@
+//! Protocol v1: client bytes → lines → commands, and replies → bytes.
+//!
+//! Pure: no I/O, no logging, no allocation but for an email whose domain needs
+//! lowercasing. This is where the unit and property tests of the wire format live.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// The protocol version in the greeting.
+pub const VERSION: u32 = 1;
+
+/// Longest event name.
+pub const MAX_EVENT: usize = 128;
+
+/// One thing taken from a client's byte stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed<'a> {
+    /// A whole line, LF removed (a CR before it is still there).
+    Line(&'a [u8]),
+    /// A line over `max_line` bytes; the rest of it up to its LF is being discarded.
+    TooLong,
+}
+
+/// Takes the next line from `buf`. Returns what it found (if anything) and how many
+/// bytes of `buf` it used; `used == 0` means `buf` holds less than a whole line and
+/// must be kept (it is then shorter than `max_line`). `discarding` carries the state of
+/// an over-long line between calls.
+pub fn take_line<'a>(buf: &'a [u8], max_line: usize, discarding: &mut bool) -> (Option<Framed<'a>>, usize) {
+    if *discarding {
+        return match memchr(b'\n', buf) {
+            Some(i) => {
+                *discarding = false;
+                (None, i + 1)
+            }
+            None => (None, buf.len()),
+        };
+    }
+    let window = &buf[..buf.len().min(max_line)];
+    match memchr(b'\n', window) {
+        Some(i) => (Some(Framed::Line(&buf[..i])), i + 1),
+        None if buf.len() >= max_line => {
+            *discarding = true;
+            (Some(Framed::TooLong), max_line)
+        }
+        None => (None, 0),
+    }
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// A client command, borrowing from its line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `SUB <event> <email>`.
+    Sub { event: &'a str, email: Cow<'a, str> },
+    /// `UNSUB <event> <email>`.
+    Unsub { event: &'a str, email: Cow<'a, str> },
+    /// `PUB <event> <text>`.
+    Pub { event: &'a str, text: &'a str },
+    /// `AUTH <token>`.
+    Auth { token: &'a str },
+    /// `LIST <email>`.
+    List { email: Cow<'a, str> },
+    /// `PING [<text>]`.
+    Ping { text: Option<&'a str> },
+    /// `QUIT`.
+    Quit,
+}
+
+/// The stable error codes of `-ERR <CODE> <text>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// Wrong arguments, invalid UTF-8, control characters.
+    Syntax,
+    /// Unknown verb.
+    Unknown,
+    /// Line longer than `max_line`.
+    TooLong,
+    /// Invalid event name.
+    Event,
+    /// Invalid email address.
+    Email,
+    /// Not allowed, or a wrong token.
+    Auth,
+    /// Too many subscriptions on this connection.
+    Limit,
+    /// The database did not confirm.
+    Unavailable,
+    /// Server full or shutting down.
+    Busy,
+}
+
+impl Code {
+    /// The code as it goes on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Syntax => "SYNTAX",
+            Code::Unknown => "UNKNOWN",
+            Code::TooLong => "TOO_LONG",
+            Code::Event => "EVENT",
+            Code::Email => "EMAIL",
+            Code::Auth => "AUTH",
+            Code::Limit => "LIMIT",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::Busy => "BUSY",
+        }
+    }
+}
+
+/// A refused line: the code and a human-readable text (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    /// The code.
+    pub code: Code,
+    /// The text.
+    pub text: Cow<'static, str>,
+}
+
+impl ProtoError {
+    fn new(code: Code, text: impl Into<Cow<'static, str>>) -> Self {
+        ProtoError { code, text: text.into() }
+    }
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code.as_str(), self.text)
+    }
+}
+
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// Splits off the first word; returns it and the rest with its leading blanks removed.
+fn word(s: &str) -> (&str, &str) {
+    let s = s.trim_start_matches([' ', '\t']);
+    match s.find([' ', '\t']) {
+        Some(i) => (&s[..i], s[i..].trim_start_matches([' ', '\t'])),
+        None => (s, ""),
+    }
+}
+
+/// Parses one line (LF removed). `Ok(None)` for a blank line, which gets no reply.
+pub fn parse_line(line: &[u8]) -> Result<Option<Command<'_>>, ProtoError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(|&b| is_blank(b)) {
+        return Ok(None);
+    }
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Err(ProtoError::new(Code::Syntax, "line is not valid UTF-8"));
+    };
+    let (verb, rest) = word(line);
+    let cmd = if verb.eq_ignore_ascii_case("SUB") || verb.eq_ignore_ascii_case("UNSUB") {
+        let [event, email] = args::<2>(rest).ok_or_else(|| {
+            ProtoError::new(
+                Code::Syntax,
+                format!("{} takes an event and an email", verb.to_ascii_uppercase()),
+            )
+        })?;
+        let event = valid_event(event)?;
+        let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
+        if verb.eq_ignore_ascii_case("SUB") {
+            Command::Sub { event, email }
+        } else {
+            Command::Unsub { event, email }
+        }
+    } else if verb.eq_ignore_ascii_case("PUB") {
+        let (event, text) = word(rest);
+        if event.is_empty() || text.is_empty() {
+            return Err(ProtoError::new(Code::Syntax, "PUB takes an event and a text"));
+        }
+        let event = valid_event(event)?;
+        Command::Pub { event, text: valid_text(text)? }
+    } else if verb.eq_ignore_ascii_case("AUTH") {
+        let [token] = args::<1>(rest).ok_or_else(|| ProtoError::new(Code::Syntax, "AUTH takes a token"))?;
+        Command::Auth { token }
+    } else if verb.eq_ignore_ascii_case("LIST") {
+        let [email] = args::<1>(rest).ok_or_else(|| ProtoError::new(Code::Syntax, "LIST takes an email"))?;
+        Command::List { email: valid_email(email.as_bytes()).ok_or_else(bad_email)? }
+    } else if verb.eq_ignore_ascii_case("PING") {
+        Command::Ping { text: if rest.is_empty() { None } else { Some(valid_text(rest)?) } }
+    } else if verb.eq_ignore_ascii_case("QUIT") {
+        if !rest.is_empty() {
+            return Err(ProtoError::new(Code::Syntax, "QUIT takes no arguments"));
+        }
+        Command::Quit
+    } else {
+        let shown: String = verb.chars().filter(|c| !c.is_control()).take(32).collect();
+        return Err(ProtoError::new(Code::Unknown, format!("unknown command \"{shown}\"")));
+    };
+    Ok(Some(cmd))
+}
+
+/// Exactly `N` blank-separated words, or `None`.
+fn args<const N: usize>(mut rest: &str) -> Option<[&str; N]> {
+    let mut out = [""; N];
+    for slot in out.iter_mut() {
+        let (w, r) = word(rest);
+        if w.is_empty() {
+            return None;
+        }
+        *slot = w;
+        rest = r;
+    }
+    rest.is_empty().then_some(out)
+}
+
+fn bad_email() -> ProtoError {
+    ProtoError::new(Code::Email, "invalid email address")
+}
+
+/// An event name: 1 to 128 characters from `A-Z a-z 0-9 . _ - :`.
+pub fn valid_event(s: &str) -> Result<&str, ProtoError> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_EVENT
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(s)
+    } else {
+        Err(ProtoError::new(Code::Event, "invalid event name: 1 to 128 of A-Z a-z 0-9 . _ - :"))
+    }
+}
+
+fn valid_text(s: &str) -> Result<&str, ProtoError> {
+    if s.chars().any(|c| c.is_control() && c != '\t') {
+        Err(ProtoError::new(Code::Syntax, "control characters are not allowed in text"))
+    } else {
+        Ok(s)
+    }
+}
+
+/// A mailbox `local@domain` per PROTOCOL.md, with the domain lowercased; `None` if invalid.
+pub fn valid_email(s: &[u8]) -> Option<Cow<'_, str>> {
+    if s.len() > 254 || !s.is_ascii() {
+        return None;
+    }
+    let at = memchr(b'@', s)?;
+    let (local, domain) = (&s[..at], &s[at + 1..]);
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && local.first() != Some(&b'.')
+        && local.last() != Some(&b'.')
+        && !local.windows(2).any(|w| w == b"..")
+        && local.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    let domain_ok = domain.split(|&b| b == b'.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.first() != Some(&b'-')
+            && label.last() != Some(&b'-')
+            && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    if !(local_ok && domain_ok) {
+        return None;
+    }
+    // ASCII was checked above, so this cannot fail.
+    let s = std::str::from_utf8(s).ok()?;
+    if domain.iter().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(format!("{}@{}", &s[..at], s[at + 1..].to_ascii_lowercase())))
+    } else {
+        Some(Cow::Borrowed(s))
+    }
+}
+
+/// Appends a decimal number without going through `fmt`.
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut buf = itoa::Buffer::new();
+    out.extend_from_slice(buf.format(n).as_bytes());
+}
+
+/// `HELLO notifd 1 version=… max_line=…`.
+pub fn greeting(out: &mut Vec<u8>, max_line: usize) {
+    out.extend_from_slice(b"HELLO notifd 1 version=");
+    out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+    out.extend_from_slice(b" max_line=");
+    push_u64(out, max_line as u64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `-ERR <CODE> <text>`.
+pub fn err(out: &mut Vec<u8>, code: Code, text: &str) {
+    out.extend_from_slice(b"-ERR ");
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `+OK <what> <arg>` (e.g. `+OK SUB orders`), or `+OK <what>` when `arg` is empty.
+pub fn ok(out: &mut Vec<u8>, what: &str, arg: &str) {
+    out.extend_from_slice(b"+OK ");
+    out.extend_from_slice(what.as_bytes());
+    if !arg.is_empty() {
+        out.push(b' ');
+        out.extend_from_slice(arg.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `+OK PUB <id> <n>`.
+pub fn ok_pub(out: &mut Vec<u8>, id: u64, n: u64) {
+    out.extend_from_slice(b"+OK PUB ");
+    push_u64(out, id);
+    out.push(b' ');
+    push_u64(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `PONG` or `PONG <text>`.
+pub fn pong(out: &mut Vec<u8>, text: Option<&str>) {
+    out.extend_from_slice(b"PONG");
+    if let Some(t) = text {
+        out.push(b' ');
+        out.extend_from_slice(t.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `MSG <event> <id> <text>`.
+pub fn msg(out: &mut Vec<u8>, event: &str, id: u64, text: &str) {
+    out.extend_from_slice(b"MSG ");
+    out.extend_from_slice(event.as_bytes());
+    out.push(b' ');
+    push_u64(out, id);
+    out.push(b' ');
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `SUB <event> <email> <timestamp>`, a LIST data line.
+pub fn list_line(out: &mut Vec<u8>, event: &str, email: &str, created_at: i64) {
+    out.extend_from_slice(b"SUB ");
+    out.extend_from_slice(event.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(email.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(rfc3339(created_at).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Unix seconds as RFC 3339 UTC to the second, `2026-11-28T00:05:09Z`.
+pub fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<Option<Command<'_>>, ProtoError> {
+        parse_line(s.as_bytes())
+    }
+
+    fn code(s: &str) -> Code {
+        parse(s).unwrap_err().code
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive_and_blanks_separate() {
+        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into() };
+        assert_eq!(parse("SUB orders.shipped ana@example.com").unwrap(), Some(want));
+        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into() };
+        assert_eq!(parse("sUb \t orders.shipped  \tana@example.com \r").unwrap(), Some(want));
+        assert_eq!(parse("quit").unwrap(), Some(Command::Quit));
+        assert_eq!(parse("Ping").unwrap(), Some(Command::Ping { text: None }));
+    }
+
+    #[test]
+    fn blank_lines_get_no_reply() {
+        for s in ["", "\r", "  \t ", " \r"] {
+            assert_eq!(parse(s).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn pub_text_is_the_rest_of_the_line() {
+        let c = parse("PUB e  Order 1042  has\tshipped \r").unwrap().unwrap();
+        assert_eq!(c, Command::Pub { event: "e", text: "Order 1042  has\tshipped " });
+        assert_eq!(code("PUB e"), Code::Syntax);
+        assert_eq!(code("PUB e   "), Code::Syntax);
+        assert_eq!(code("PUB"), Code::Syntax);
+        assert_eq!(code("PUB e a\x01b"), Code::Syntax);
+        assert_eq!(code("PUB e a\x7fb"), Code::Syntax);
+        assert_eq!(code("PUB bad/event text"), Code::Event);
+    }
+
+    #[test]
+    fn ping_echoes_its_text() {
+        assert_eq!(parse("PING  hello  there").unwrap(), Some(Command::Ping { text: Some("hello  there") }));
+        assert_eq!(code("PING a\x1bb"), Code::Syntax);
+    }
+
+    #[test]
+    fn argument_counts() {
+        assert_eq!(code("SUB e"), Code::Syntax);
+        assert_eq!(code("SUB e a@b SINCE 5"), Code::Syntax);
+        assert_eq!(code("UNSUB"), Code::Syntax);
+        assert_eq!(code("LIST"), Code::Syntax);
+        assert_eq!(code("LIST a@b c@d"), Code::Syntax);
+        assert_eq!(code("AUTH"), Code::Syntax);
+        assert_eq!(code("AUTH a b"), Code::Syntax);
+        assert_eq!(code("QUIT now"), Code::Syntax);
+        assert_eq!(code("HELO x"), Code::Unknown);
+        assert_eq!(code("SUBSCRIBE e a@b"), Code::Unknown);
+    }
+
+    #[test]
+    fn invalid_utf8_is_syntax() {
+        assert_eq!(parse_line(b"PUB e \xff\xfe").unwrap_err().code, Code::Syntax);
+    }
+
+    #[test]
+    fn event_names() {
+        let max = "a".repeat(128);
+        assert!(valid_event(&max).is_ok());
+        assert!(valid_event(&"a".repeat(129)).is_err());
+        assert!(valid_event("A-z_0.9:x").is_ok());
+        for bad in ["", "a*", "a>", "a/b", "é", "a b"] {
+            assert!(valid_event(bad).is_err(), "{bad}");
+        }
+        assert_eq!(code(&format!("SUB {} a@b", "e".repeat(129))), Code::Event);
+    }
+
+    #[test]
+    fn email_addresses() {
+        assert_eq!(valid_email(b"ana@example.com").unwrap(), "ana@example.com");
+        assert_eq!(valid_email(b"Ana@Example.COM").unwrap(), "Ana@example.com");
+        assert_eq!(valid_email(b"x@localhost").unwrap(), "x@localhost");
+        assert!(valid_email(b"a.b+c!#$%&'*/=?^_`{|}~-@a-b.c").is_some());
+        let local64 = format!("{}@b", "a".repeat(64));
+        assert!(valid_email(local64.as_bytes()).is_some());
+        let local65 = format!("{}@b", "a".repeat(65));
+        assert!(valid_email(local65.as_bytes()).is_none());
+        let label63 = format!("a@{}", "b".repeat(63));
+        assert!(valid_email(label63.as_bytes()).is_some());
+        let label64 = format!("a@{}", "b".repeat(64));
+        assert!(valid_email(label64.as_bytes()).is_none());
+        let long = format!("a@{}.{}.{}.{}", "b".repeat(63), "c".repeat(63), "d".repeat(63), "e".repeat(61));
+        assert_eq!(long.len(), 255);
+        assert!(valid_email(long.as_bytes()).is_none());
+        for bad in [
+            "", "a", "@b", "a@", "a@@b", "a@b@c", ".a@b", "a.@b", "a..b@c", "a@b.", "a@.b", "a@-b", "a@b-",
+            "a@b..c", "a b@c", "a@b_c", "é@b", "a@bé", "a\"@b", "a(b)@c",
+        ] {
+            assert!(valid_email(bad.as_bytes()).is_none(), "{bad}");
+        }
+        assert_eq!(code("SUB e not-an-email"), Code::Email);
+        assert_eq!(code("LIST a@"), Code::Email);
+    }
+
+    #[test]
+    fn take_line_at_the_max_line_boundary() {
+        let max = 10;
+        let mut d = false;
+        // 9 bytes + LF = 10 bytes: fits.
+        assert_eq!(take_line(b"123456789\nX", max, &mut d), (Some(Framed::Line(b"123456789")), 10));
+        // 8 bytes + CR + LF = 10 bytes: fits.
+        assert_eq!(take_line(b"12345678\r\n", max, &mut d), (Some(Framed::Line(b"12345678\r")), 10));
+        // 10 bytes + LF = 11 bytes: too long, then the rest up to LF is discarded.
+        assert_eq!(take_line(b"1234567890\nok\n", max, &mut d), (Some(Framed::TooLong), 10));
+        assert!(d);
+        assert_eq!(take_line(b"\nok\n", max, &mut d), (None, 1));
+        assert!(!d);
+        assert_eq!(take_line(b"ok\n", max, &mut d), (Some(Framed::Line(b"ok")), 3));
+        // Incomplete and short: keep it.
+        assert_eq!(take_line(b"123456789", max, &mut d), (None, 0));
+        // Incomplete and already max_line long: too long at once.
+        assert_eq!(take_line(b"1234567890", max, &mut d), (Some(Framed::TooLong), 10));
+        assert_eq!(take_line(b"xxxx", max, &mut d), (None, 4));
+        assert!(d);
+    }
+
+    #[test]
+    fn replies() {
+        let mut out = Vec::new();
+        err(&mut out, Code::TooLong, "line too long");
+        ok(&mut out, "SUB", "e");
+        ok(&mut out, "QUIT", "");
+        ok_pub(&mut out, 17, 1);
+        pong(&mut out, None);
+        pong(&mut out, Some("x y"));
+        msg(&mut out, "e", 17, "Order 1042");
+        list_line(&mut out, "e", "a@b", 1_795_824_309);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "-ERR TOO_LONG line too long\r\n+OK SUB e\r\n+OK QUIT\r\n+OK PUB 17 1\r\nPONG\r\nPONG x y\r\n\
+             MSG e 17 Order 1042\r\nSUB e a@b 2026-11-28T00:05:09Z\r\n"
+        );
+        let mut g = Vec::new();
+        greeting(&mut g, 4096);
+        assert!(g.starts_with(b"HELLO notifd 1 version=") && g.ends_with(b" max_line=4096\r\n"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            match parse_line(&bytes) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(!e.text.is_empty()),
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_lines_never_panic(s in "\\PC{0,80}") {
+            let _ = parse(&s);
+            let _ = parse(&format!("PUB e {s}"));
+            let _ = parse(&format!("SUB {s} a@b"));
+            let _ = parse(&format!("SUB e {s}"));
+        }
+
+        #[test]
+        fn pub_round_trips(event in "[A-Za-z0-9._:-]{1,128}", text in "[^\\p{Cc}]*[^\\p{Cc}\\s]") {
+            let line = format!("PUB {event} {text}");
+            let got = parse(&line).unwrap().unwrap();
+            prop_assert_eq!(got, Command::Pub { event: &event, text: text.trim_start() });
+        }
+
+        #[test]
+        fn framing_never_holds_more_than_max_line(
+            chunks in proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..50), 0..20),
+            max in 2usize..40,
+        ) {
+            let mut held: Vec<u8> = Vec::new();
+            let mut d = false;
+            for c in chunks {
+                held.extend_from_slice(&c);
+                loop {
+                    let (item, used) = take_line(&held, max, &mut d);
+                    if let Some(Framed::Line(l)) = item {
+                        prop_assert!(l.len() < max);
+                    }
+                    if used == 0 { break; }
+                    held.drain(..used);
+                }
+                prop_assert!(held.len() < max);
+            }
+        }
+    }
+}
