@@ -2,4 +2,7 @@
 
 pub mod config;
 pub mod ipc;
+pub mod listen;
+pub mod logger;
 pub mod protocol;
+pub mod store;

@@ -1,0 +1,730 @@
+//! The store process: the only process that opens the database.
+//!
+//! It reads [`ToStore`] records from its pipe, applies everything that arrived together
+//! in one transaction with one fsync (group commit), and only then answers each record.
+//! It owns the outbox, the durable queue of emails. It never talks to clients or mail
+//! servers. On EOF from the reactor it finishes the batch in hand and exits.
+
+use crate::ipc::{self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, ToStore};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Schema version kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Rows per `ListChunk`, so that a LIST answer never outgrows the frame maximum:
+/// a row is at most 128 + 10 bytes.
+const LIST_CHUNK: usize = 4096;
+
+/// How often old notifications and finished emails are deleted.
+const CLEANUP_EVERY: Duration = Duration::from_secs(3600);
+
+/// A database error, with what the store was doing.
+#[derive(Debug)]
+pub struct StoreError(String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn ctx(what: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError(format!("{what}: {e}"))
+}
+
+/// Opens (creating if missing) the database at `path` with notifd's schema.
+pub fn open(path: &Path, settings: &StoreSettings) -> Result<Connection, StoreError> {
+    let db = Connection::open(path).map_err(ctx(&format!("cannot open {}", path.display())))?;
+    db.busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into())).map_err(ctx("busy_timeout"))?;
+    let mode: String =
+        db.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(ctx("cannot set WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError(format!("{}: journal mode is {mode}, not wal", path.display())));
+    }
+    db.execute_batch("PRAGMA journal_size_limit=67108864; PRAGMA foreign_keys=OFF;")
+        .map_err(ctx("pragmas"))?;
+    set_sync(&db, settings.sync_full)?;
+    migrate(&db)?;
+    Ok(db)
+}
+
+fn set_sync(db: &Connection, full: bool) -> Result<(), StoreError> {
+    db.execute_batch(if full { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" })
+        .map_err(ctx("synchronous"))
+}
+
+/// Creates the schema, or brings an older one forward.
+fn migrate(db: &Connection) -> Result<(), StoreError> {
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(ctx("user_version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError(format!(
+            "database schema {version} is newer than this notifd's {SCHEMA_VERSION}; refusing to touch it"
+        )));
+    }
+    if version < 1 {
+        db.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS subscriptions(
+                 email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
+             CREATE INDEX IF NOT EXISTS subscriptions_by_event ON subscriptions(event, email);
+             CREATE TABLE IF NOT EXISTS notifications(
+                 id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL, created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS outbox(
+                 notification_id INTEGER NOT NULL, email TEXT NOT NULL,
+                 state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0,
+                 next_try_at INTEGER NOT NULL, last_error TEXT, updated_at INTEGER NOT NULL,
+                 PRIMARY KEY (notification_id, email));
+             CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_try_at);
+             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT OR IGNORE INTO meta(key, value) VALUES ('next_id', 1);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )
+        .map_err(ctx("cannot create schema"))?;
+    }
+    Ok(())
+}
+
+/// The delay before try number `tries + 1`: `base` doubled for each earlier retry, capped
+/// at an hour, scaled by `jitter` (0.8 to 1.2) so that a burst does not retry in step.
+pub fn retry_delay(base: u32, tries: u32, jitter: f64) -> i64 {
+    let doubled = u64::from(base).saturating_mul(1u64 << tries.saturating_sub(1).min(20));
+    let capped = doubled.min(3600) as f64;
+    (capped * jitter.clamp(0.8, 1.2)).round().max(1.0) as i64
+}
+
+/// The store's state between batches.
+pub struct Store {
+    db: Connection,
+    settings: StoreSettings,
+    rng: u64,
+}
+
+impl Store {
+    /// Wraps an open database.
+    pub fn new(db: Connection, settings: StoreSettings) -> Store {
+        let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+        Store { db, settings, rng: seed | 1 }
+    }
+
+    /// Makes emails left leased by a store that died available again. Run at start-up:
+    /// whatever a mailer still holds is sent again at worst, which at-least-once allows.
+    pub fn release_leases(&self) -> Result<(), StoreError> {
+        self.db
+            .execute("UPDATE outbox SET state = 'pending' WHERE state = 'sending'", [])
+            .map(|_| ())
+            .map_err(ctx("release leased emails"))
+    }
+
+    /// Applies one batch in one transaction and appends the answers to `out`.
+    pub fn apply(&mut self, batch: &mut Vec<ToStore>, out: &mut Vec<u8>) {
+        let needs_full =
+            !self.settings.sync_full && batch.iter().any(|r| matches!(r, ToStore::ReserveIds { .. }));
+        if needs_full {
+            // An id block must survive power loss, or an id seen in a MSG could be reused.
+            let _ = set_sync(&self.db, true);
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        let result = self.transaction(batch, &mut answers);
+        if needs_full {
+            let _ = set_sync(&self.db, false);
+        }
+        match result {
+            Ok(()) => {
+                for a in &answers {
+                    ipc::encode(a, out);
+                }
+            }
+            Err(e) => {
+                log::warn!("batch of {} requests failed: {e}", batch.len());
+                for r in batch.iter() {
+                    if let Some(req) = request_id(r) {
+                        ipc::encode(&FromStore::Failed { req, reason: e.to_string() }, out);
+                    }
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    fn transaction(&mut self, batch: &[ToStore], answers: &mut Vec<FromStore>) -> Result<(), StoreError> {
+        self.db.execute_batch("BEGIN IMMEDIATE").map_err(ctx("begin"))?;
+        let mut result = Ok(());
+        for r in batch {
+            if let Err(e) = self.dispatch(r, answers) {
+                result = Err(e);
+                break;
+            }
+        }
+        match result {
+            Ok(()) => self.db.execute_batch("COMMIT").map_err(ctx("commit")).inspect_err(|_| {
+                let _ = self.db.execute_batch("ROLLBACK");
+            }),
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, r: &ToStore, answers: &mut Vec<FromStore>) -> Result<(), StoreError> {
+        match r {
+            ToStore::Hello { .. } => Ok(()),
+            ToStore::Subscribe { req, email, event, now } => {
+                self.subscribe(email, event, *now)?;
+                answers.push(FromStore::Done { req: *req });
+                Ok(())
+            }
+            ToStore::Unsubscribe { req, email, event } => {
+                self.unsubscribe(email, event)?;
+                answers.push(FromStore::Done { req: *req });
+                Ok(())
+            }
+            ToStore::Publish { req, id, event, text, now, mail } => {
+                self.publish(*id, event, text, *now, mail)?;
+                answers.push(FromStore::Done { req: *req });
+                Ok(())
+            }
+            ToStore::List { req, email } => self.list(*req, email, answers),
+            ToStore::ReserveIds { req, count } => {
+                let (start, end) = self.reserve_ids(*count)?;
+                answers.push(FromStore::Ids { req: *req, start, end });
+                Ok(())
+            }
+            ToStore::TakeMail { req, max, now } => {
+                let (jobs, next_due) = self.take_mail(*max, *now)?;
+                answers.push(FromStore::Mail { req: *req, jobs, next_due });
+                Ok(())
+            }
+            ToStore::MailDone { req, results, now } => {
+                self.mail_done(results, *now)?;
+                answers.push(FromStore::Done { req: *req });
+                Ok(())
+            }
+            ToStore::Configure(settings) => {
+                set_sync(&self.db, settings.sync_full)?;
+                self.db
+                    .busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into()))
+                    .map_err(ctx("busy_timeout"))?;
+                self.settings = settings.clone();
+                Ok(())
+            }
+        }
+    }
+
+    fn subscribe(&self, email: &str, event: &str, now: i64) -> Result<(), StoreError> {
+        let mut st = self
+            .db
+            .prepare_cached(
+                "INSERT INTO subscriptions(email, event, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )
+            .map_err(ctx("subscribe"))?;
+        st.execute(params![email, event, now]).map_err(ctx("subscribe"))?;
+        Ok(())
+    }
+
+    fn unsubscribe(&self, email: &str, event: &str) -> Result<(), StoreError> {
+        let mut st = self
+            .db
+            .prepare_cached("DELETE FROM subscriptions WHERE email = ?1 AND event = ?2")
+            .map_err(ctx("unsubscribe"))?;
+        st.execute(params![email, event]).map_err(ctx("unsubscribe"))?;
+        Ok(())
+    }
+
+    fn publish(&self, id: u64, event: &str, text: &str, now: i64, mail: &MailPlan) -> Result<(), StoreError> {
+        let mut st = self
+            .db
+            .prepare_cached(
+                "INSERT INTO notifications(id, event, text, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
+            )
+            .map_err(ctx("publish"))?;
+        let new = st.execute(params![id as i64, event, text, now]).map_err(ctx("publish"))? == 1;
+        // A replayed publication is already queued (or its emails already went out).
+        if !new || *mail == MailPlan::Nobody {
+            return Ok(());
+        }
+        let mut queue = self
+            .db
+            .prepare_cached(
+                "INSERT INTO outbox(notification_id, email, state, tries, next_try_at, updated_at)
+                 SELECT ?1, email, 'pending', 0, ?2, ?2 FROM subscriptions WHERE event = ?3
+                 ON CONFLICT DO NOTHING",
+            )
+            .map_err(ctx("queue emails"))?;
+        queue.execute(params![id as i64, now, event]).map_err(ctx("queue emails"))?;
+        if let MailPlan::AllExcept(live) = mail {
+            let mut skip = self
+                .db
+                .prepare_cached("DELETE FROM outbox WHERE notification_id = ?1 AND email = ?2")
+                .map_err(ctx("skip live addresses"))?;
+            for email in live {
+                skip.execute(params![id as i64, email]).map_err(ctx("skip live addresses"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self, req: u64, email: &str, answers: &mut Vec<FromStore>) -> Result<(), StoreError> {
+        let mut st = self
+            .db
+            .prepare_cached("SELECT event, created_at FROM subscriptions WHERE email = ?1 ORDER BY event")
+            .map_err(ctx("list"))?;
+        let mut rows = st.query(params![email]).map_err(ctx("list"))?;
+        let mut chunk = Vec::new();
+        while let Some(row) = rows.next().map_err(ctx("list"))? {
+            chunk.push((row.get(0).map_err(ctx("list"))?, row.get(1).map_err(ctx("list"))?));
+            if chunk.len() == LIST_CHUNK {
+                answers.push(FromStore::ListChunk { req, rows: std::mem::take(&mut chunk), last: false });
+            }
+        }
+        answers.push(FromStore::ListChunk { req, rows: chunk, last: true });
+        Ok(())
+    }
+
+    fn reserve_ids(&self, count: u64) -> Result<(u64, u64), StoreError> {
+        let next: i64 = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| r.get(0))
+            .map_err(ctx("reserve ids"))?;
+        let start = next.max(1) as u64;
+        let end = start + count;
+        self.db
+            .execute("UPDATE meta SET value = ?1 WHERE key = 'next_id'", params![end as i64])
+            .map_err(ctx("reserve ids"))?;
+        Ok((start, end))
+    }
+
+    fn take_mail(&self, max: u32, now: i64) -> Result<(Vec<MailJob>, Option<i64>), StoreError> {
+        let mut jobs = Vec::new();
+        if max > 0 {
+            let mut st = self
+                .db
+                .prepare_cached(
+                    "SELECT o.notification_id, o.email, n.event, n.text, n.created_at, o.tries
+                     FROM outbox o JOIN notifications n ON n.id = o.notification_id
+                     WHERE o.state = 'pending' AND o.next_try_at <= ?1
+                     ORDER BY o.next_try_at, o.notification_id LIMIT ?2",
+                )
+                .map_err(ctx("take mail"))?;
+            let rows = st
+                .query_map(params![now, max], |r| {
+                    Ok(MailJob {
+                        id: r.get::<_, i64>(0)? as u64,
+                        email: r.get(1)?,
+                        event: r.get(2)?,
+                        text: r.get(3)?,
+                        created_at: r.get(4)?,
+                        tries: r.get(5)?,
+                    })
+                })
+                .map_err(ctx("take mail"))?;
+            for job in rows {
+                jobs.push(job.map_err(ctx("take mail"))?);
+            }
+            let mut lease = self
+                .db
+                .prepare_cached(
+                    "UPDATE outbox SET state = 'sending' WHERE notification_id = ?1 AND email = ?2",
+                )
+                .map_err(ctx("lease mail"))?;
+            for j in &jobs {
+                lease.execute(params![j.id as i64, j.email]).map_err(ctx("lease mail"))?;
+            }
+        }
+        let next_due: Option<i64> = self
+            .db
+            .query_row("SELECT min(next_try_at) FROM outbox WHERE state = 'pending'", [], |r| r.get(0))
+            .optional()
+            .map_err(ctx("next due email"))?
+            .flatten();
+        Ok((jobs, next_due))
+    }
+
+    fn mail_done(&mut self, results: &[MailResult], now: i64) -> Result<(), StoreError> {
+        for r in results {
+            let tries: Option<u32> = self
+                .db
+                .prepare_cached("SELECT tries FROM outbox WHERE notification_id = ?1 AND email = ?2")
+                .map_err(ctx("mail result"))?
+                .query_row(params![r.id as i64, r.email], |row| row.get(0))
+                .optional()
+                .map_err(ctx("mail result"))?;
+            let Some(tries) = tries else { continue };
+            let tries = tries + 1;
+            let (state, next, error) = match &r.outcome {
+                MailOutcome::Sent => ("sent", now, None),
+                MailOutcome::Retry(why) if tries < self.settings.mail_max_tries => {
+                    let delay = retry_delay(self.settings.mail_retry_base, tries, self.jitter());
+                    log::info!("email {} to {}: try {tries} failed, next in {delay} s: {why}", r.id, r.email);
+                    ("pending", now + delay, Some(why.as_str()))
+                }
+                MailOutcome::Retry(why) | MailOutcome::Fail(why) => {
+                    log::warn!("email {} to {}: given up after {tries} tries: {why}", r.id, r.email);
+                    ("failed", now, Some(why.as_str()))
+                }
+            };
+            self.db
+                .prepare_cached(
+                    "UPDATE outbox SET state = ?3, tries = ?4, next_try_at = ?5, last_error = ?6, updated_at = ?7
+                     WHERE notification_id = ?1 AND email = ?2",
+                )
+                .map_err(ctx("mail result"))?
+                .execute(params![r.id as i64, r.email, state, tries, next, error, now])
+                .map_err(ctx("mail result"))?;
+        }
+        Ok(())
+    }
+
+    /// 0.8 to 1.2, from a xorshift: retries need spreading, not cryptography.
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        0.8 + (self.rng % 4001) as f64 / 10_000.0
+    }
+
+    /// Deletes notifications and finished emails older than `keep_days`; pending emails stay.
+    pub fn cleanup(&self, now: i64) -> Result<(), StoreError> {
+        if self.settings.keep_days == 0 {
+            return Ok(());
+        }
+        let cutoff = now - i64::from(self.settings.keep_days) * 86_400;
+        self.db
+            .execute_batch(&format!(
+                "BEGIN;
+                 DELETE FROM outbox WHERE state IN ('sent', 'failed') AND updated_at < {cutoff};
+                 DELETE FROM notifications WHERE created_at < {cutoff}
+                   AND id NOT IN (SELECT notification_id FROM outbox);
+                 COMMIT;"
+            ))
+            .map_err(ctx("cleanup"))
+    }
+}
+
+fn request_id(r: &ToStore) -> Option<u64> {
+    match r {
+        ToStore::Hello { .. } | ToStore::Configure(_) => None,
+        ToStore::Subscribe { req, .. }
+        | ToStore::Unsubscribe { req, .. }
+        | ToStore::Publish { req, .. }
+        | ToStore::List { req, .. }
+        | ToStore::ReserveIds { req, .. }
+        | ToStore::TakeMail { req, .. }
+        | ToStore::MailDone { req, .. } => Some(*req),
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The store process's main loop. Returns the exit status.
+pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: OwnedFd) -> i32 {
+    let db = match open(db_path, &settings) {
+        Ok(db) => db,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
+    let mut store = Store::new(db, settings);
+    if let Err(e) = store.release_leases() {
+        log::error!("{e}");
+        return 1;
+    }
+    let mut input = std::fs::File::from(input);
+    let mut output = std::fs::File::from(output);
+    let mut out = Vec::with_capacity(64 * 1024);
+    ipc::encode(&FromStore::Hello { version: ipc::VERSION }, &mut out);
+    if output.write_all(&out).is_err() {
+        return 1;
+    }
+    let _ = store.cleanup(unix_now());
+    let mut last_cleanup = Instant::now();
+    let mut reader = ipc::FrameReader::default();
+    let mut batch = Vec::new();
+    let mut greeted = false;
+    loop {
+        // Block until the reactor sends something (or an hour passes, for cleanup), then
+        // take everything that is there without blocking again: that is one batch.
+        let timeout = CLEANUP_EVERY.saturating_sub(last_cleanup.elapsed());
+        let eof = match wait_readable(&input, timeout) {
+            Ok(false) => false,
+            Ok(true) => match read_available(&mut input, &mut reader) {
+                Ok(eof) => eof,
+                Err(e) => {
+                    log::error!("reading from reactor: {e}");
+                    return 1;
+                }
+            },
+            Err(e) => {
+                log::error!("waiting for reactor: {e}");
+                return 1;
+            }
+        };
+        loop {
+            match reader.next::<ToStore>() {
+                Ok(Some(ToStore::Hello { version })) => {
+                    if version != ipc::VERSION {
+                        log::error!("reactor speaks record version {version}, this store {}", ipc::VERSION);
+                        return 1;
+                    }
+                    greeted = true;
+                }
+                Ok(Some(r)) if greeted => batch.push(r),
+                Ok(Some(_)) => {
+                    log::error!("reactor sent a record before its hello");
+                    return 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("reactor: {e}");
+                    return 1;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            out.clear();
+            store.apply(&mut batch, &mut out);
+            if let Err(e) = output.write_all(&out) {
+                // The reactor is gone: what was committed stays committed.
+                log::debug!("answering reactor: {e}");
+                return 0;
+            }
+        }
+        if eof {
+            log::debug!("reactor closed the pipe; exiting");
+            return 0;
+        }
+        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+            if let Err(e) = store.cleanup(unix_now()) {
+                log::warn!("{e}");
+            }
+            last_cleanup = Instant::now();
+        }
+    }
+}
+
+fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads what the pipe holds now (the fd is non-blocking). Returns true at EOF.
+fn read_available(input: &mut std::fs::File, reader: &mut ipc::FrameReader) -> io::Result<bool> {
+    const CHUNK: usize = 256 * 1024;
+    loop {
+        let spare = reader.spare(CHUNK);
+        match input.read(spare) {
+            Ok(0) => {
+                reader.filled(CHUNK, 0);
+                return Ok(true);
+            }
+            Ok(n) => {
+                reader.filled(CHUNK, n);
+                // Bound one batch so a flood cannot delay every answer indefinitely.
+                if reader.pending() >= 4 * CHUNK {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                reader.filled(CHUNK, 0);
+                return Ok(false);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => reader.filled(CHUNK, 0),
+            Err(e) => {
+                reader.filled(CHUNK, 0);
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> StoreSettings {
+        StoreSettings {
+            sync_full: true,
+            keep_days: 30,
+            mail_retry_base: 30,
+            mail_max_tries: 3,
+            busy_timeout_ms: 1000,
+        }
+    }
+
+    fn answers(store: &mut Store, batch: Vec<ToStore>) -> Vec<FromStore> {
+        let mut batch = batch;
+        let mut out = Vec::new();
+        store.apply(&mut batch, &mut out);
+        let mut got = Vec::new();
+        let mut at = 0;
+        while let Some((m, used)) = ipc::decode::<FromStore>(&out[at..]).unwrap() {
+            got.push(m);
+            at += used;
+        }
+        got
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_an_hour() {
+        assert_eq!(retry_delay(30, 1, 1.0), 30);
+        assert_eq!(retry_delay(30, 2, 1.0), 60);
+        assert_eq!(retry_delay(30, 3, 1.0), 120);
+        assert_eq!(retry_delay(30, 30, 1.0), 3600);
+        assert_eq!(retry_delay(30, 1, 0.8), 24);
+        assert_eq!(retry_delay(30, 1, 5.0), 36);
+    }
+
+    #[test]
+    fn subscribe_publish_queue_and_mail_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), &settings()).unwrap();
+        let mut s = Store::new(db, settings());
+        let sub = |req, email: &str, event: &str| ToStore::Subscribe {
+            req,
+            email: email.into(),
+            event: event.into(),
+            now: 100 + req as i64,
+        };
+        let got = answers(
+            &mut s,
+            vec![
+                ToStore::ReserveIds { req: 1, count: 1000 },
+                sub(2, "a@x", "e"),
+                sub(3, "b@x", "e"),
+                sub(4, "c@x", "other"),
+                sub(5, "a@x", "e"),
+                ToStore::List { req: 6, email: "a@x".into() },
+            ],
+        );
+        assert_eq!(got[0], FromStore::Ids { req: 1, start: 1, end: 1001 });
+        assert_eq!(got[4], FromStore::Done { req: 5 });
+        // The first timestamp stays.
+        assert_eq!(got[5], FromStore::ListChunk { req: 6, rows: vec![("e".into(), 102)], last: true });
+        let got = answers(
+            &mut s,
+            vec![
+                ToStore::ReserveIds { req: 7, count: 10 },
+                ToStore::Publish {
+                    req: 8,
+                    id: 5,
+                    event: "e".into(),
+                    text: "hi".into(),
+                    now: 200,
+                    mail: MailPlan::AllExcept(vec!["b@x".into()]),
+                },
+                // A replay changes nothing.
+                ToStore::Publish {
+                    req: 9,
+                    id: 5,
+                    event: "e".into(),
+                    text: "hi".into(),
+                    now: 201,
+                    mail: MailPlan::All,
+                },
+                ToStore::TakeMail { req: 10, max: 10, now: 200 },
+                ToStore::TakeMail { req: 11, max: 10, now: 200 },
+            ],
+        );
+        assert_eq!(got[0], FromStore::Ids { req: 7, start: 1001, end: 1011 });
+        let FromStore::Mail { jobs, next_due: None, .. } = &got[3] else { panic!("{:?}", got[3]) };
+        assert_eq!(jobs.len(), 1);
+        assert_eq!((jobs[0].id, jobs[0].email.as_str(), jobs[0].text.as_str()), (5, "a@x", "hi"));
+        // Leased: not handed out twice.
+        assert_eq!(got[4], FromStore::Mail { req: 11, jobs: vec![], next_due: None });
+        let retry =
+            vec![MailResult { id: 5, email: "a@x".into(), outcome: MailOutcome::Retry("421".into()) }];
+        answers(&mut s, vec![ToStore::MailDone { req: 12, results: retry.clone(), now: 300 }]);
+        let got = answers(&mut s, vec![ToStore::TakeMail { req: 13, max: 10, now: 300 }]);
+        let FromStore::Mail { jobs, next_due: Some(due), .. } = &got[0] else { panic!("{:?}", got[0]) };
+        assert!(jobs.is_empty() && (324..=336).contains(due), "{due}");
+        let got = answers(&mut s, vec![ToStore::TakeMail { req: 14, max: 10, now: 400 }]);
+        let FromStore::Mail { jobs, .. } = &got[0] else { panic!() };
+        assert_eq!(jobs[0].tries, 1);
+        // Third try fails for good (mail_max_tries = 3); the row stays with its error.
+        answers(&mut s, vec![ToStore::MailDone { req: 15, results: retry.clone(), now: 400 }]);
+        answers(&mut s, vec![ToStore::TakeMail { req: 16, max: 10, now: 10_000 }]);
+        answers(&mut s, vec![ToStore::MailDone { req: 17, results: retry, now: 10_000 }]);
+        let (state, tries, err): (String, u32, String) =
+            s.db.query_row("SELECT state, tries, last_error FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((state.as_str(), tries, err.as_str()), ("failed", 3, "421"));
+    }
+
+    #[test]
+    fn leases_are_released_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut s = Store::new(open(&path, &settings()).unwrap(), settings());
+        answers(
+            &mut s,
+            vec![
+                ToStore::Subscribe { req: 1, email: "a@x".into(), event: "e".into(), now: 1 },
+                ToStore::Publish {
+                    req: 2,
+                    id: 1,
+                    event: "e".into(),
+                    text: "t".into(),
+                    now: 1,
+                    mail: MailPlan::All,
+                },
+                ToStore::TakeMail { req: 3, max: 5, now: 1 },
+            ],
+        );
+        drop(s);
+        let s = Store::new(open(&path, &settings()).unwrap(), settings());
+        s.release_leases().unwrap();
+        let mut s = s;
+        let got = answers(&mut s, vec![ToStore::TakeMail { req: 4, max: 5, now: 1 }]);
+        let FromStore::Mail { jobs, .. } = &got[0] else { panic!() };
+        assert_eq!(jobs.len(), 1);
+    }
+
+    #[test]
+    fn list_is_chunked_in_byte_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
+        let batch: Vec<ToStore> = (0..LIST_CHUNK + 5)
+            .map(|i| ToStore::Subscribe {
+                req: i as u64,
+                email: "a@x".into(),
+                event: format!("e{i:05}"),
+                now: 1,
+            })
+            .collect();
+        answers(&mut s, batch);
+        let got = answers(&mut s, vec![ToStore::List { req: 99, email: "a@x".into() }]);
+        assert_eq!(got.len(), 2);
+        let FromStore::ListChunk { rows, last: false, .. } = &got[0] else { panic!() };
+        assert_eq!(rows.len(), LIST_CHUNK);
+        assert_eq!(rows[0].0, "e00000");
+        let FromStore::ListChunk { rows, last: true, .. } = &got[1] else { panic!() };
+        assert_eq!(rows.len(), 5);
+    }
+}
