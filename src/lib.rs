@@ -4,5 +4,6 @@ pub mod config;
 pub mod ipc;
 pub mod listen;
 pub mod logger;
+pub mod mail;
 pub mod protocol;
 pub mod store;

@@ -1,0 +1,739 @@
+//! Turning a [`MailJob`] into a sent email: the message, the transports, and what an
+//! outcome means.
+//!
+//! Everything here blocks, and is meant for the mailer child only: the reactor must never
+//! call into this module. It holds no state about jobs; the outbox in the store decides
+//! what is tried again, so a job is reported `Sent` only once a transport took it.
+//!
+//! The message for a job is a pure function of the job and `mail_from` (fixed Date,
+//! Message-ID and body), so a retry sends, or spools, the same bytes.
+
+use crate::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport};
+use lettre::address::{Address, Envelope};
+use lettre::message::header::ContentType;
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, SmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::{Message, SendmailTransport, Transport as _};
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long one SMTP connect, command or reply may take before the try counts as failed.
+pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest reason text put in a [`MailOutcome`]; it ends up in the database and the log.
+const MAX_REASON: usize = 200;
+
+/// Why mail settings or a message are unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MailError {
+    /// `mail_from` is not an address.
+    From(String),
+    /// The recipient of a job is not an address.
+    Recipient(String),
+    /// lettre refused to build the message.
+    Message(String),
+    /// `smtp_ca_file` holds no usable PEM certificate.
+    CaCert(String),
+    /// The TLS settings for the relay cannot be built.
+    Tls(String),
+    /// `smtp_host` is empty.
+    SmtpHost,
+    /// `sendmail_path` is not a file.
+    Sendmail(String),
+    /// `spool_dir` is not an absolute path.
+    SpoolDir(String),
+}
+
+impl fmt::Display for MailError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MailError::From(e) => write!(f, "mail_from is not a valid address: {e}"),
+            MailError::Recipient(e) => write!(f, "invalid recipient address: {e}"),
+            MailError::Message(e) => write!(f, "cannot build the message: {e}"),
+            MailError::CaCert(e) => write!(f, "smtp_ca_file: {e}"),
+            MailError::Tls(e) => write!(f, "smtp_tls: {e}"),
+            MailError::SmtpHost => write!(f, "smtp_host is empty"),
+            MailError::Sendmail(e) => write!(f, "sendmail_path: {e}"),
+            MailError::SpoolDir(p) => write!(f, "spool_dir {p:?} is not an absolute path"),
+        }
+    }
+}
+
+impl std::error::Error for MailError {}
+
+/// Sends jobs with the configured transport. For SMTP it keeps one connection open across
+/// jobs and batches, reconnecting only when the relay dropped it.
+pub struct Mailer {
+    from: Mailbox,
+    sink: Sink,
+}
+
+/// Where messages go.
+enum Sink {
+    Smtp(Box<Relay>),
+    Sendmail(SendmailTransport),
+    Spool(PathBuf),
+    Off,
+}
+
+/// An SMTP relay and the connection to it, if one is open.
+struct Relay {
+    host: String,
+    port: u16,
+    tls: RelayTls,
+    hello: ClientId,
+    credentials: Option<Credentials>,
+    conn: Option<SmtpConnection>,
+    /// Messages accepted on `conn`: a connection that dies after making progress is
+    /// replaced once; one that dies before is a relay in trouble.
+    accepted_on_conn: u64,
+}
+
+enum RelayTls {
+    Plain,
+    Starttls(TlsParameters),
+    Wrapper(TlsParameters),
+}
+
+impl Mailer {
+    /// Checks the settings and prepares the transport. Opens no connection: the first
+    /// batch does.
+    pub fn new(settings: &MailSettings) -> Result<Mailer, MailError> {
+        let from = parse_from(&settings.from)?;
+        let sink = match settings.transport {
+            Transport::Smtp => Sink::Smtp(Box::new(Relay::new(settings)?)),
+            Transport::Sendmail => {
+                let path = Path::new(&settings.sendmail_path);
+                if !path.is_file() {
+                    return Err(MailError::Sendmail(format!("{:?} is not a file", settings.sendmail_path)));
+                }
+                Sink::Sendmail(SendmailTransport::new_with_command(path))
+            }
+            Transport::Spool => {
+                let dir = PathBuf::from(&settings.spool_dir);
+                if !dir.is_absolute() {
+                    return Err(MailError::SpoolDir(settings.spool_dir.clone()));
+                }
+                Sink::Spool(dir)
+            }
+            Transport::None => Sink::Off,
+        };
+        Ok(Mailer { from, sink })
+    }
+
+    /// Sends every job over as few connections as possible and returns exactly one
+    /// result per job, in the same order.
+    pub fn send_batch(&mut self, jobs: &[MailJob]) -> Vec<MailResult> {
+        match &mut self.sink {
+            Sink::Smtp(relay) => relay.send_batch(&self.from, jobs),
+            Sink::Sendmail(sendmail) => jobs
+                .iter()
+                .map(|job| {
+                    let outcome = match compose(&self.from, job) {
+                        Ok(message) => match sendmail.send(&message) {
+                            Ok(()) => MailOutcome::Sent,
+                            // lettre keeps only stderr, not the exit status, so a
+                            // temporary failure cannot be told from a permanent one;
+                            // the outbox's try limit bounds the retries.
+                            Err(e) => MailOutcome::Retry(one_line(&format!("sendmail: {e}"))),
+                        },
+                        Err(e) => MailOutcome::Fail(one_line(&e.to_string())),
+                    };
+                    result(job, outcome)
+                })
+                .collect(),
+            Sink::Spool(dir) => jobs
+                .iter()
+                .map(|job| {
+                    let outcome = match compose(&self.from, job) {
+                        Ok(message) => match spool(dir, &spool_file_name(job), &message.formatted()) {
+                            Ok(()) => MailOutcome::Sent,
+                            Err(e) => MailOutcome::Retry(one_line(&format!("spool {}: {e}", dir.display()))),
+                        },
+                        Err(e) => MailOutcome::Fail(one_line(&e.to_string())),
+                    };
+                    result(job, outcome)
+                })
+                .collect(),
+            // The store never queues mail with transport none; if it did, the jobs are
+            // not silently claimed as sent.
+            Sink::Off => jobs
+                .iter()
+                .map(|job| result(job, MailOutcome::Fail("mail_transport is none".into())))
+                .collect(),
+        }
+    }
+
+    /// Ends an open SMTP connection politely (QUIT, bounded by a short timeout).
+    pub fn close(&mut self) {
+        if let Sink::Smtp(relay) = &mut self.sink {
+            relay.close();
+        }
+    }
+}
+
+impl Drop for Mailer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Relay {
+    fn new(settings: &MailSettings) -> Result<Relay, MailError> {
+        if settings.smtp_host.is_empty() {
+            return Err(MailError::SmtpHost);
+        }
+        let tls = match settings.smtp_tls {
+            SmtpTls::None => RelayTls::Plain,
+            SmtpTls::Starttls => RelayTls::Starttls(tls_parameters(settings)?),
+            SmtpTls::Tls => RelayTls::Wrapper(tls_parameters(settings)?),
+        };
+        let credentials = (!settings.smtp_user.is_empty())
+            .then(|| Credentials::new(settings.smtp_user.clone(), settings.smtp_password.clone()));
+        Ok(Relay {
+            host: settings.smtp_host.clone(),
+            port: settings.smtp_port,
+            tls,
+            hello: ClientId::default(),
+            credentials,
+            conn: None,
+            accepted_on_conn: 0,
+        })
+    }
+
+    fn send_batch(&mut self, from: &Mailbox, jobs: &[MailJob]) -> Vec<MailResult> {
+        let mut results = Vec::with_capacity(jobs.len());
+        // A connection kept from the last batch may have been closed by the relay since.
+        if let Some(conn) = &mut self.conn {
+            if !conn.test_connected() {
+                self.drop_connection();
+            }
+        }
+        for (at, job) in jobs.iter().enumerate() {
+            let message = match compose(from, job) {
+                Ok(m) => m,
+                Err(e) => {
+                    results.push(result(job, MailOutcome::Fail(one_line(&e.to_string()))));
+                    continue;
+                }
+            };
+            let conn = match self.connection() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Nothing to gain from trying the rest one by one, each waiting for
+                    // the same dead or refusing relay.
+                    let reason = one_line(&format!("{}:{}: {}", self.host, self.port, smtp_reason(&e)));
+                    results.extend(jobs[at..].iter().map(|j| result(j, MailOutcome::Retry(reason.clone()))));
+                    return results;
+                }
+            };
+            match transact(conn, message.envelope(), &message.formatted()) {
+                Ok(()) => {
+                    self.accepted_on_conn += 1;
+                    results.push(result(job, MailOutcome::Sent));
+                }
+                Err(e) => {
+                    let reply = e.status().map(|code| code.to_string().parse::<u16>().unwrap_or(0));
+                    let reason = smtp_reason(&e);
+                    results.push(result(job, outcome_for(reply, reason.clone())));
+                    if session_lost(reply) {
+                        let progressed = self.accepted_on_conn > 0;
+                        self.drop_connection();
+                        if !progressed {
+                            let reason = one_line(&format!("not tried: {reason}"));
+                            results.extend(
+                                jobs[at + 1..].iter().map(|j| result(j, MailOutcome::Retry(reason.clone()))),
+                            );
+                            return results;
+                        }
+                    } else if conn.command(Rset).is_err() {
+                        self.drop_connection();
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// The open connection, or a new one (connect, STARTTLS, AUTH).
+    fn connection(&mut self) -> Result<&mut SmtpConnection, lettre::transport::smtp::Error> {
+        if self.conn.is_none() {
+            let wrapper = match &self.tls {
+                RelayTls::Wrapper(params) => Some(params),
+                RelayTls::Plain | RelayTls::Starttls(_) => None,
+            };
+            let mut conn = SmtpConnection::connect(
+                (self.host.as_str(), self.port),
+                Some(SMTP_TIMEOUT),
+                &self.hello,
+                wrapper,
+                None,
+            )?;
+            if let RelayTls::Starttls(params) = &self.tls {
+                conn.starttls(params, &self.hello)?;
+            }
+            if let Some(credentials) = &self.credentials {
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)?;
+            }
+            self.accepted_on_conn = 0;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connection just set"))
+    }
+
+    fn drop_connection(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.abort();
+        }
+        self.accepted_on_conn = 0;
+    }
+
+    fn close(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // A hung relay must not hold up the mailer's exit for the full timeout.
+            let _ = conn.set_timeout(Some(Duration::from_secs(2)));
+            let _ = conn.command(Quit);
+        }
+    }
+}
+
+/// One mail transaction on an open connection. Unlike lettre's `SmtpConnection::send`, a
+/// refused sender or recipient leaves the connection usable (the caller sends RSET),
+/// so one bad address does not cost a reconnection.
+fn transact(
+    conn: &mut SmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+) -> Result<(), lettre::transport::smtp::Error> {
+    let mut params = Vec::new();
+    // Bodies are 7bit, quoted-printable or base64, so this is for a non-ASCII mail_from
+    // display name only, which lettre encodes anyway; kept for safety.
+    if !email.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), params))?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new()))?;
+    }
+    conn.command(Data)?;
+    conn.message(email)?;
+    Ok(())
+}
+
+fn tls_parameters(settings: &MailSettings) -> Result<TlsParameters, MailError> {
+    let mut builder = TlsParameters::builder(settings.smtp_host.clone());
+    if let Some(pem) = &settings.smtp_ca_pem {
+        // lettre's rustls backend accepts a PEM with no certificate in it; refuse that
+        // here rather than fail every TLS handshake later.
+        if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(MailError::CaCert("no PEM certificate in it".into()));
+        }
+        let cert = Certificate::from_pem(pem).map_err(|e| MailError::CaCert(e.to_string()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| MailError::Tls(e.to_string()))
+}
+
+fn parse_from(from: &str) -> Result<Mailbox, MailError> {
+    let mailbox: Mailbox =
+        from.parse().map_err(|e: lettre::address::AddressError| MailError::From(e.to_string()))?;
+    if !mailbox.email.to_string().is_ascii() {
+        return Err(MailError::From(format!("{from:?} is not ASCII")));
+    }
+    Ok(mailbox)
+}
+
+fn result(job: &MailJob, outcome: MailOutcome) -> MailResult {
+    MailResult { id: job.id, email: job.email.clone(), outcome }
+}
+
+// --- outcomes --------------------------------------------------------------------------
+
+/// What an SMTP failure means for the job: `reply` is the relay's reply code, `None` when
+/// there was no reply (refused, timed out, TLS, connection dropped).
+fn outcome_for(reply: Option<u16>, reason: String) -> MailOutcome {
+    match reply {
+        // Replies about our session rather than this message: "authentication
+        // required", "credentials invalid", "encryption required". Fixing the settings
+        // fixes them, so the email is kept.
+        Some(530 | 534 | 535 | 538) => MailOutcome::Retry(reason),
+        Some(500..=599) => MailOutcome::Fail(reason),
+        Some(_) | None => MailOutcome::Retry(reason),
+    }
+}
+
+/// Whether the connection is unusable after this failure: no reply at all, or 421 (the
+/// relay is closing the channel).
+fn session_lost(reply: Option<u16>) -> bool {
+    matches!(reply, None | Some(421))
+}
+
+/// `550 5.1.1 no such user` when the relay replied, else lettre's description.
+fn smtp_reason(e: &lettre::transport::smtp::Error) -> String {
+    let text = match (e.status(), std::error::Error::source(e)) {
+        (Some(code), Some(message)) => format!("{code} {message}"),
+        (Some(code), None) => code.to_string(),
+        (None, _) => e.to_string(),
+    };
+    one_line(&text)
+}
+
+/// `s` on one line (control characters become spaces, runs of spaces shrink to one),
+/// at most [`MAX_REASON`] bytes.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_REASON));
+    for c in s.chars().map(|c| if c.is_control() { ' ' } else { c }) {
+        if c == ' ' && (out.is_empty() || out.ends_with(' ')) {
+            continue;
+        }
+        if out.len() + c.len_utf8() > MAX_REASON {
+            break;
+        }
+        out.push(c);
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+// --- the message -----------------------------------------------------------------------
+
+/// The email for `job`, from `from` (a `mail_from` value).
+pub fn build_message(from: &str, job: &MailJob) -> Result<Message, MailError> {
+    compose(&parse_from(from)?, job)
+}
+
+fn compose(from: &Mailbox, job: &MailJob) -> Result<Message, MailError> {
+    let address: Address = job
+        .email
+        .parse()
+        .map_err(|e: lettre::address::AddressError| MailError::Recipient(format!("{:?}: {e}", job.email)))?;
+    if !job.email.is_ascii() {
+        return Err(MailError::Recipient(format!("{:?} is not ASCII", job.email)));
+    }
+    let published = UNIX_EPOCH + Duration::from_secs(job.created_at.max(0) as u64);
+    Message::builder()
+        .from(from.clone())
+        .to(Mailbox::new(None, address))
+        .subject(format!("[notifd] {}", header_text(&job.event)))
+        .date(published)
+        .message_id(Some(message_id(job)))
+        .header(ContentType::TEXT_PLAIN)
+        .body(body_text(job, published))
+        .map_err(|e| MailError::Message(e.to_string()))
+}
+
+/// `<ID.HASH@notifd>`: the same for every try of a job, different for each address.
+fn message_id(job: &MailJob) -> String {
+    format!("<{}.{:016x}@notifd>", job.id, fnv1a(job.email.as_bytes()))
+}
+
+/// FNV-1a, 64 bits: stable across Rust releases and platforms, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A value for a header: the protocol already keeps control characters out of events,
+/// but no CR or LF may ever reach a header line.
+fn header_text(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn body_text(job: &MailJob, published: SystemTime) -> String {
+    // The text is the client's: line breaks become plain LF (lettre makes them CRLF),
+    // and other control characters but tab become spaces, so no bare CR reaches a relay.
+    let mut text = String::with_capacity(job.text.len());
+    let mut chars = job.text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {
+                if chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                text.push('\n');
+            }
+            '\n' | '\t' => text.push(c),
+            c if c.is_control() => text.push(' '),
+            c => text.push(c),
+        }
+    }
+    format!(
+        "{text}\n\n\
+         Event: {event}\n\
+         Notification: {id}\n\
+         Published: {time}\n\n\
+         You receive this because {email} is subscribed to {event}. \
+         To stop, send UNSUB {event} {email} to the notifd server.\n",
+        event = job.event,
+        id = job.id,
+        time = humantime::format_rfc3339_seconds(published),
+        email = job.email,
+    )
+}
+
+// --- the spool -------------------------------------------------------------------------
+
+/// `<id>-<address>.eml`, with `%` and `/` percent-encoded so that distinct addresses
+/// never share a file and no address leaves the folder. An address that would make the
+/// name too long for a file system is cut and followed by a hash of the whole address.
+pub fn spool_file_name(job: &MailJob) -> String {
+    let mut escaped = String::with_capacity(job.email.len());
+    for c in job.email.chars() {
+        match c {
+            '%' => escaped.push_str("%25"),
+            '/' => escaped.push_str("%2F"),
+            c if c.is_control() => escaped.push_str(&format!("%{:02X}", c as u32 & 0xff)),
+            c => escaped.push(c),
+        }
+    }
+    // 255 bytes is the usual limit; ".<name>.tmp" must fit too.
+    const MAX_ESCAPED: usize = 200;
+    if escaped.len() > MAX_ESCAPED {
+        let mut cut = MAX_ESCAPED - 18;
+        while !escaped.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        escaped.truncate(cut);
+        escaped.push_str(&format!("~{:016x}", fnv1a(job.email.as_bytes())));
+    }
+    format!("{}-{escaped}.eml", job.id)
+}
+
+/// Writes `bytes` to `dir/name` so that no reader ever sees a partial file: a temporary
+/// name, fsync, rename over any earlier try, fsync of the folder.
+fn spool(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut file =
+            fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, dir.join(name))?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(text: &str) -> MailJob {
+        MailJob {
+            id: 42,
+            email: "alice@example.org".into(),
+            event: "deploy.prod".into(),
+            text: text.into(),
+            created_at: 1_700_000_000,
+            tries: 0,
+        }
+    }
+
+    fn formatted(job: &MailJob) -> String {
+        String::from_utf8(build_message("notifd <notifd@example.org>", job).unwrap().formatted()).unwrap()
+    }
+
+    /// The header lines, unfolded, and the body.
+    fn split(raw: &str) -> (Vec<String>, String) {
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a blank line ends the headers");
+        let mut headers: Vec<String> = Vec::new();
+        for line in head.split("\r\n") {
+            if line.starts_with([' ', '\t']) {
+                headers.last_mut().unwrap().push_str(line);
+            } else {
+                headers.push(line.to_string());
+            }
+        }
+        (headers, body.to_string())
+    }
+
+    fn header<'a>(headers: &'a [String], name: &str) -> Vec<&'a str> {
+        headers
+            .iter()
+            .filter_map(|h| h.split_once(": ").filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+            .collect()
+    }
+
+    #[test]
+    fn headers_and_body() {
+        let raw = formatted(&job("build 1234 is live"));
+        let (headers, body) = split(&raw);
+        assert_eq!(header(&headers, "From"), ["notifd <notifd@example.org>"]);
+        assert_eq!(header(&headers, "To"), ["alice@example.org"]);
+        assert_eq!(header(&headers, "Subject"), ["[notifd] deploy.prod"]);
+        assert_eq!(header(&headers, "Date"), ["Tue, 14 Nov 2023 22:13:20 +0000"]);
+        assert_eq!(header(&headers, "Message-ID"), [message_id(&job(""))]);
+        assert_eq!(header(&headers, "Content-Type"), ["text/plain; charset=utf-8"]);
+        // The last line is over 76 characters: lettre picks quoted-printable for it.
+        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["quoted-printable"]);
+        assert!(body.lines().all(|l| l.len() <= 78));
+        let decoded = mailparse::parse_mail(raw.as_bytes()).unwrap().get_body().unwrap();
+        assert_eq!(
+            decoded.replace("\r\n", "\n"),
+            "build 1234 is live\n\nEvent: deploy.prod\nNotification: 42\n\
+             Published: 2023-11-14T22:13:20Z\n\nYou receive this because alice@example.org is \
+             subscribed to deploy.prod. To stop, send UNSUB deploy.prod alice@example.org to the \
+             notifd server.\n"
+        );
+    }
+
+    #[test]
+    fn message_id_is_stable_and_per_address() {
+        let a = job("x");
+        let mut retry = job("other text");
+        retry.tries = 3;
+        assert_eq!(message_id(&a), message_id(&retry));
+        assert_eq!(message_id(&a), "<42.fe0b59c46c41d4d1@notifd>");
+        let mut b = job("x");
+        b.email = "bob@example.org".into();
+        assert_ne!(message_id(&a), message_id(&b));
+        // The same job builds the same bytes: a spooled retry is identical.
+        assert_eq!(formatted(&a), formatted(&a));
+    }
+
+    #[test]
+    fn non_ascii_text_is_encoded() {
+        let raw = formatted(&job("Grüße aus Köln — 東京 ✓"));
+        assert!(raw.is_ascii(), "the whole message is 7-bit clean");
+        let (headers, _) = split(&raw);
+        let cte = header(&headers, "Content-Transfer-Encoding");
+        assert!(cte == ["quoted-printable"] || cte == ["base64"], "{cte:?}");
+    }
+
+    #[test]
+    fn crlf_in_any_field_never_makes_a_header() {
+        let evil = "hi\r\nBcc: mallory@evil.example\r\n\r\nX-Injected: 1\nSubject: spoof\rTo: x@y";
+        let mut j = job(evil);
+        j.event = "ev\r\nBcc: mallory@evil.example".into();
+        let raw = formatted(&j);
+        let (headers, body) = split(&raw);
+        for h in &headers {
+            let name = h.split(':').next().unwrap();
+            assert!(
+                [
+                    "From",
+                    "To",
+                    "Subject",
+                    "Date",
+                    "Message-ID",
+                    "Content-Type",
+                    "Content-Transfer-Encoding",
+                    "MIME-Version"
+                ]
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name)),
+                "unexpected header line {h:?} in\n{raw}"
+            );
+        }
+        assert_eq!(header(&headers, "Subject").len(), 1);
+        assert_eq!(header(&headers, "To"), ["alice@example.org"]);
+        assert!(body.contains("Bcc: mallory@evil.example"), "the text stays in the body");
+        // No bare CR or LF anywhere: every line ends in CRLF.
+        assert!(!raw.replace("\r\n", "").contains(['\r', '\n']));
+    }
+
+    #[test]
+    fn an_address_with_crlf_is_refused() {
+        let mut j = job("x");
+        j.email = "a@b.org\r\nBcc: c@d.org".into();
+        assert!(matches!(build_message("n@x.org", &j), Err(MailError::Recipient(_))));
+        j.email = "not an address".into();
+        assert!(matches!(build_message("n@x.org", &j), Err(MailError::Recipient(_))));
+    }
+
+    #[test]
+    fn bad_from_is_refused() {
+        assert!(matches!(build_message("nobody", &job("x")), Err(MailError::From(_))));
+        assert!(matches!(build_message("a@b\r\nBcc: c@d", &job("x")), Err(MailError::From(_))));
+    }
+
+    #[test]
+    fn negative_time_is_the_epoch() {
+        let mut j = job("x");
+        j.created_at = -5;
+        assert!(formatted(&j).contains("Published: 1970-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn spool_names() {
+        let mut j = job("x");
+        assert_eq!(spool_file_name(&j), "42-alice@example.org.eml");
+        j.email = "a/b@c.org".into();
+        let slash = spool_file_name(&j);
+        assert_eq!(slash, "42-a%2Fb@c.org.eml");
+        j.email = "a%2Fb@c.org".into();
+        assert_ne!(spool_file_name(&j), slash, "escaping is injective");
+        j.email = "../../etc/passwd@x".into();
+        assert!(!spool_file_name(&j).contains('/'));
+        j.email = format!("{}@example.org", "/".repeat(240));
+        let long = spool_file_name(&j);
+        assert!(long.len() + ".tmp".len() + 1 < 255, "{}", long.len());
+        j.email = format!("{}@example.org", "/".repeat(239));
+        assert_ne!(spool_file_name(&j), long);
+    }
+
+    #[test]
+    fn outcomes() {
+        let r = || "why".to_string();
+        assert_eq!(outcome_for(Some(550), r()), MailOutcome::Fail(r()));
+        assert_eq!(outcome_for(Some(554), r()), MailOutcome::Fail(r()));
+        assert_eq!(outcome_for(Some(421), r()), MailOutcome::Retry(r()));
+        assert_eq!(outcome_for(Some(451), r()), MailOutcome::Retry(r()));
+        assert_eq!(outcome_for(Some(535), r()), MailOutcome::Retry(r()));
+        assert_eq!(outcome_for(None, r()), MailOutcome::Retry(r()));
+        assert!(session_lost(None));
+        assert!(session_lost(Some(421)));
+        assert!(!session_lost(Some(450)));
+        assert!(!session_lost(Some(550)));
+    }
+
+    #[test]
+    fn reasons_are_one_short_line() {
+        assert_eq!(one_line("550 5.1.1\r\n  no such\tuser "), "550 5.1.1 no such user");
+        let long = "é".repeat(300);
+        let cut = one_line(&long);
+        assert!(cut.len() <= MAX_REASON && cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let mut s = MailSettings {
+            transport: Transport::Smtp,
+            from: "notifd@localhost".into(),
+            smtp_host: "localhost".into(),
+            smtp_port: 25,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_user: String::new(),
+            smtp_password: String::new(),
+            smtp_ca_pem: Some(b"not a certificate".to_vec()),
+            sendmail_path: "/nonexistent/sendmail".into(),
+            spool_dir: "relative/spool".into(),
+        };
+        assert!(matches!(Mailer::new(&s), Err(MailError::CaCert(_))));
+        s.smtp_ca_pem = None;
+        assert!(Mailer::new(&s).is_ok());
+        s.from = "no at sign".into();
+        assert!(matches!(Mailer::new(&s), Err(MailError::From(_))));
+        s.from = "notifd@localhost".into();
+        s.smtp_host.clear();
+        assert!(matches!(Mailer::new(&s), Err(MailError::SmtpHost)));
+        s.transport = Transport::Sendmail;
+        assert!(matches!(Mailer::new(&s), Err(MailError::Sendmail(_))));
+        s.transport = Transport::Spool;
+        assert!(matches!(Mailer::new(&s), Err(MailError::SpoolDir(_))));
+        s.transport = Transport::None;
+        let mut none = Mailer::new(&s).unwrap();
+        let got = none.send_batch(&[job("x")]);
+        assert_eq!(got[0].outcome, MailOutcome::Fail("mail_transport is none".into()));
+    }
+}
