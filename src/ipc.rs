@@ -278,7 +278,7 @@ impl FrameReader {
     }
 
     /// The next whole frame, if there is one.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match decode(&self.buf[self.start..])? {
             Some((msg, used)) => {
                 self.start += used;
@@ -371,7 +371,7 @@ mod tests {
             let s = r.spare(3);
             s[..chunk.len()].copy_from_slice(chunk);
             r.filled(3, chunk.len());
-            while let Some(m) = r.next::<ToStore>().unwrap() {
+            while let Some(m) = r.next_frame::<ToStore>().unwrap() {
                 got.push(m);
             }
         }

@@ -1,9 +1,15 @@
-//! notifd: a live-notification daemon. See ARCHITECTURE.md in the README for the map.
+//! notifd: a live-notification daemon. README.md and ARCHITECTURE.md are the map:
+//! [`reactor`] is the parent process, [`store`] and [`mailer`] its children, [`ipc`] the
+//! records between them, [`protocol`] the client wire format.
 
+pub mod child;
 pub mod config;
+pub mod daemon;
 pub mod ipc;
 pub mod listen;
 pub mod logger;
 pub mod mail;
+pub mod mailer;
 pub mod protocol;
+pub mod reactor;
 pub mod store;

@@ -433,6 +433,10 @@ pub fn unix_now() -> i64 {
 
 /// The store process's main loop. Returns the exit status.
 pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: OwnedFd) -> i32 {
+    // Non-blocking in, so a batch is "whatever is there"; blocking out, since the store
+    // has nothing better to do than wait for the reactor to take its answers.
+    crate::child::set_blocking(&input, false);
+    crate::child::set_blocking(&output, true);
     let db = match open(db_path, &settings) {
         Ok(db) => db,
         Err(e) => {
@@ -476,7 +480,7 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             }
         };
         loop {
-            match reader.next::<ToStore>() {
+            match reader.next_frame::<ToStore>() {
                 Ok(Some(ToStore::Hello { version })) => {
                     if version != ipc::VERSION {
                         log::error!("reactor speaks record version {version}, this store {}", ipc::VERSION);

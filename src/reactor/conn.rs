@@ -1,0 +1,162 @@
+//! One client connection: socket, bounded input and output, replies in command order,
+//! live subscriptions. Kept small: an idle connection should cost a few hundred bytes.
+
+use mio::net::TcpStream;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Reading commands.
+    Open,
+    /// QUIT or EOF was read (or the server is stopping): no more commands are read; the
+    /// connection closes once every reply is out.
+    Draining,
+    /// To be closed at the end of this loop turn, without flushing more.
+    Closing,
+}
+
+/// A reply slot, in command order. A ready reply waits behind an earlier one that is not.
+pub struct Slot {
+    /// The reply is complete.
+    pub done: bool,
+    /// Its bytes so far (a LIST reply grows chunk by chunk).
+    pub data: Vec<u8>,
+}
+
+/// A client connection.
+pub struct Conn {
+    /// Unique over the daemon's life, so a late store answer never reaches a newer
+    /// connection that reuses the same slab key.
+    pub id: u64,
+    pub sock: TcpStream,
+    pub peer: SocketAddr,
+    pub state: State,
+    /// Bytes read but not yet taken as lines: at most `max_line` of a partial line, or
+    /// more while command processing is paused.
+    pub inbuf: Vec<u8>,
+    /// The rest of an over-long line is being dropped.
+    pub discarding: bool,
+    /// Bytes to send; written once per loop turn.
+    pub out: Vec<u8>,
+    /// Replies not yet moved to `out`, oldest first; `first_seq` numbers the front one.
+    pub slots: VecDeque<Slot>,
+    pub first_seq: u64,
+    /// Live subscriptions: (event, email) pairs.
+    pub subs: Vec<(Rc<str>, Box<str>)>,
+    /// The `publish_token` generation this connection authenticated with (0: none).
+    pub auth_gen: u64,
+    pub auth_failures: u8,
+    /// From a loopback address: may PUB and LIST without a token.
+    pub loopback: bool,
+    /// On the reactor's list of connections to write at the end of the turn.
+    pub dirty: bool,
+    /// Reading stopped (max_inflight, store backlog, no ids); waiting to be resumed.
+    pub paused: bool,
+    /// The peer closed its sending side.
+    pub eof: bool,
+}
+
+impl Conn {
+    pub fn new(id: u64, sock: TcpStream, peer: SocketAddr) -> Conn {
+        let loopback = match peer.ip() {
+            std::net::IpAddr::V4(a) => a.is_loopback(),
+            std::net::IpAddr::V6(a) => {
+                a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        };
+        Conn {
+            id,
+            sock,
+            peer,
+            state: State::Open,
+            inbuf: Vec::new(),
+            discarding: false,
+            out: Vec::new(),
+            slots: VecDeque::new(),
+            first_seq: 0,
+            subs: Vec::new(),
+            auth_gen: 0,
+            auth_failures: 0,
+            loopback,
+            dirty: false,
+            paused: false,
+            eof: false,
+        }
+    }
+
+    /// Adds a slot for a reply that comes later; returns its sequence number.
+    pub fn push_waiting(&mut self) -> u64 {
+        self.slots.push_back(Slot { done: false, data: Vec::new() });
+        self.first_seq + self.slots.len() as u64 - 1
+    }
+
+    /// A reply that is ready now: straight to the output when nothing waits before it.
+    pub fn reply(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.slots.is_empty() {
+            write(&mut self.out);
+        } else {
+            let mut data = Vec::new();
+            write(&mut data);
+            self.slots.push_back(Slot { done: true, data });
+        }
+    }
+
+    /// The slot numbered `seq`, if it is still waiting.
+    pub fn slot(&mut self, seq: u64) -> Option<&mut Slot> {
+        let i = seq.checked_sub(self.first_seq)?;
+        self.slots.get_mut(usize::try_from(i).ok()?)
+    }
+
+    /// Moves finished replies at the front to the output, in order.
+    pub fn drain_slots(&mut self) {
+        while self.slots.front().is_some_and(|s| s.done) {
+            let s = self.slots.pop_front().expect("front exists");
+            if self.out.is_empty() {
+                self.out = s.data;
+            } else {
+                self.out.extend_from_slice(&s.data);
+            }
+            self.first_seq += 1;
+        }
+    }
+
+    /// Writes as much of `out` as the socket takes. `Err` means the connection is dead.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.out.len() {
+            match self.sock.write(&self.out[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if written == self.out.len() {
+            // Give the memory back: most connections are idle most of the time.
+            self.out = Vec::new();
+        } else {
+            self.out.drain(..written);
+        }
+        Ok(())
+    }
+
+    /// Has this live (event, email) pair.
+    pub fn has_sub(&self, event: &str, email: &str) -> bool {
+        self.subs.iter().any(|(e, m)| &**e == event && &**m == email)
+    }
+
+    /// Has some live pair on `event`.
+    pub fn has_event(&self, event: &str) -> bool {
+        self.subs.iter().any(|(e, _)| &**e == event)
+    }
+
+    /// Everything sent and answered, so a draining connection may close.
+    pub fn finished(&self) -> bool {
+        self.state == State::Draining && self.slots.is_empty() && self.out.is_empty()
+    }
+}
