@@ -15,6 +15,9 @@ pub enum State {
     /// QUIT or EOF was read (or the server is stopping): no more commands are read; the
     /// connection closes once every reply is out.
     Draining,
+    /// The server is stopping: no more commands are read; the connection gets its
+    /// replies, then `-ERR BUSY shutting down`, then is closed.
+    Stopping,
     /// To be closed at the end of this loop turn, without flushing more.
     Closing,
 }

@@ -11,7 +11,8 @@ mod conn;
 
 use crate::config::{Config, MailPolicy};
 use crate::ipc::{
-    self, FromMailer, FromStore, MailJob, MailPlan, MailSettings, StoreSettings, ToMailer, ToStore, Transport,
+    self, FromMailer, FromStore, MailJob, MailOutcome, MailPlan, MailResult, MailSettings, StoreSettings,
+    ToMailer, ToStore, Transport,
 };
 use crate::protocol::{self, Code, Command, Framed};
 use children::Child;
@@ -126,8 +127,9 @@ pub struct Reactor {
 /// Which mailer holds which email, and when to ask the store for more.
 struct MailRouter {
     settings: MailSettings,
-    /// Per mailer: the jobs it holds, for replay after its restart.
-    held: Vec<HashMap<(u64, Box<str>), MailJob>>,
+    /// Per mailer: the jobs it holds, for replay after its restart, with the number of
+    /// that mailer's deaths each was held for.
+    held: Vec<HashMap<MailKey, (MailJob, u8)>>,
     /// A TakeMail is in flight.
     asking: bool,
     /// Something may be due: ask when there is room.
@@ -135,6 +137,9 @@ struct MailRouter {
     /// The next pending email falls due then.
     next_due: Option<Instant>,
 }
+
+/// An email's identity: notification id and address.
+type MailKey = (u64, Box<str>);
 
 #[derive(Hash, PartialEq, Eq, Clone, Copy)]
 enum IpKey {
@@ -1058,7 +1063,7 @@ impl Reactor {
             let child = &mut self.children[i];
             child.send(&ToMailer::Hello { version: ipc::VERSION });
             child.send(&ToMailer::Configure(self.mail.settings.clone()));
-            let jobs: Vec<MailJob> = self.mail.held[i - 1].values().cloned().collect();
+            let jobs: Vec<MailJob> = self.mail.held[i - 1].values().map(|(j, _)| j.clone()).collect();
             if !jobs.is_empty() {
                 child.send(&ToMailer::Send { jobs });
             }
@@ -1106,6 +1111,8 @@ impl Reactor {
             for r in self.pending.values_mut() {
                 r.deaths += 1;
             }
+        } else {
+            self.mailer_lost(i);
         }
     }
 
@@ -1208,7 +1215,7 @@ impl Reactor {
                 .filter(|&i| self.children[i].up())
                 .max_by_key(|&i| MAILER_CAPACITY.saturating_sub(self.mail.held[i - 1].len()));
             let Some(i) = best else { break };
-            self.mail.held[i - 1].insert(key, job.clone());
+            self.mail.held[i - 1].insert(key, (job.clone(), 0));
             batches[i].push(job);
         }
         for (i, jobs) in batches.into_iter().enumerate() {
@@ -1218,6 +1225,35 @@ impl Reactor {
         }
         if full {
             self.mail.wanted = true;
+        }
+    }
+
+    /// An email held by a mailer that died twice is reported as a failed try instead
+    /// of being handed out a third time: the outbox retries it later, with a limit.
+    fn mailer_lost(&mut self, i: usize) {
+        let mut poisoned = Vec::new();
+        self.mail.held[i - 1].retain(|_, (job, deaths)| {
+            *deaths += 1;
+            if *deaths >= 2 {
+                poisoned.push(MailResult {
+                    id: job.id,
+                    email: job.email.clone(),
+                    outcome: MailOutcome::Retry("the mailer died twice sending this email".into()),
+                });
+                false
+            } else {
+                true
+            }
+        });
+        if !poisoned.is_empty() {
+            log::warn!(
+                "{}: {} emails were held through two deaths; reported as failed tries",
+                self.children[i].name,
+                poisoned.len()
+            );
+            let req = self.next_req;
+            let now = crate::store::unix_now();
+            self.send_store(ToStore::MailDone { req, results: poisoned, now }, Target::MailDone);
         }
     }
 
@@ -1376,7 +1412,7 @@ impl Reactor {
         // Stop reading commands; what was read is finished and answered.
         for (key, c) in self.conns.iter_mut() {
             if c.state == State::Open {
-                c.state = State::Draining;
+                c.state = State::Stopping;
                 c.inbuf = Vec::new();
                 if !c.dirty {
                     c.dirty = true;
@@ -1403,8 +1439,19 @@ impl Reactor {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for &key in &keys {
             let c = &mut self.conns[key];
-            c.slots.clear();
-            protocol::err(&mut c.out, Code::Busy, "shutting down");
+            for slot in c.slots.iter_mut().filter(|s| !s.done) {
+                slot.data.clear();
+                protocol::err(
+                    &mut slot.data,
+                    Code::Unavailable,
+                    "the server stopped before the database confirmed",
+                );
+                slot.done = true;
+            }
+            c.drain_slots();
+            if c.state == State::Stopping {
+                protocol::err(&mut c.out, Code::Busy, "shutting down");
+            }
             let _ = c.flush();
         }
         let linger_until = Instant::now() + SHUTDOWN_LINGER;
