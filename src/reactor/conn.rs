@@ -125,6 +125,10 @@ impl Conn {
             }
             self.first_seq += 1;
         }
+        if self.slots.is_empty() && self.slots.capacity() > 0 {
+            // An idle connection should hold no reply memory.
+            self.slots = VecDeque::new();
+        }
     }
 
     /// Writes as much of `out` as the socket takes. `Err` means the connection is dead.
