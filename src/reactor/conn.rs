@@ -1,11 +1,11 @@
 //! One client connection: socket, bounded input and output, replies in command order,
 //! live subscriptions. Kept small: an idle connection should cost a few hundred bytes.
 
+use super::subs::Subs;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::rc::Rc;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub struct Conn {
     pub slots: VecDeque<Slot>,
     pub first_seq: u64,
     /// Live subscriptions: (event, email) pairs.
-    pub subs: Vec<(Rc<str>, Box<str>)>,
+    pub subs: Subs,
     /// The `publish_token` generation this connection authenticated with (0: none).
     pub auth_gen: u64,
     pub auth_failures: u8,
@@ -81,7 +81,7 @@ impl Conn {
             out: Vec::new(),
             slots: VecDeque::new(),
             first_seq: 0,
-            subs: Vec::new(),
+            subs: Subs::default(),
             auth_gen: 0,
             auth_failures: 0,
             loopback,
@@ -150,16 +150,6 @@ impl Conn {
             self.out.drain(..written);
         }
         Ok(())
-    }
-
-    /// Has this live (event, email) pair.
-    pub fn has_sub(&self, event: &str, email: &str) -> bool {
-        self.subs.iter().any(|(e, m)| &**e == event && &**m == email)
-    }
-
-    /// Has some live pair on `event`.
-    pub fn has_event(&self, event: &str) -> bool {
-        self.subs.iter().any(|(e, _)| &**e == event)
     }
 
     /// Everything sent and answered, so a draining connection may close.

@@ -8,6 +8,7 @@
 
 mod children;
 mod conn;
+mod subs;
 
 use crate::config::{Config, MailPolicy};
 use crate::ipc::{
@@ -654,7 +655,7 @@ impl Reactor {
 
     fn sub(&mut self, key: usize, event: &str, email: &str) {
         let c = &self.conns[key];
-        if !c.has_sub(event, email) {
+        if !c.subs.contains(event, email) {
             if c.subs.len() >= self.cfg.max_subs_per_conn as usize {
                 let text = format!("at most {} subscriptions per connection", self.cfg.max_subs_per_conn);
                 return self.reply_err(key, Code::Limit, &text);
@@ -664,7 +665,7 @@ impl Reactor {
                 None => Rc::from(event),
             };
             let c = &mut self.conns[key];
-            c.subs.push((Rc::clone(&ev), email.into()));
+            c.subs.insert(Rc::clone(&ev), email.into());
             self.index.entry(ev).or_default().insert(key);
         }
         let now = crate::store::unix_now();
@@ -677,11 +678,8 @@ impl Reactor {
 
     fn unsub(&mut self, key: usize, event: &str, email: &str) {
         let c = &mut self.conns[key];
-        if let Some(i) = c.subs.iter().position(|(e, m)| &**e == event && &**m == email) {
-            c.subs.swap_remove(i);
-            if !c.has_event(event) {
-                self.unindex(key, event);
-            }
+        if c.subs.remove(event, email) && !c.subs.has_event(event) {
+            self.unindex(key, event);
         }
         self.store_request(
             key,
