@@ -44,7 +44,9 @@ pub fn spawn(
             Ok(Spawned { pid: child, tx: to_child_tx, rx: from_child_rx })
         }
         ForkResult::Child => {
+            let log = crate::logger::release();
             let (input, output) = keep_only(OwnedFd::from(to_child_rx), OwnedFd::from(from_child_tx));
+            crate::logger::restore(log);
             reset_signals();
             // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };

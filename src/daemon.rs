@@ -7,19 +7,19 @@ use nix::unistd::{chown, ForkResult, Gid, Uid, User};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static DETACHED: AtomicBool = AtomicBool::new(false);
 
 /// Where the log goes: the `log` key, or stderr in the foreground and syslog with `-d`.
-pub fn log_target(cfg: &Config) -> Option<LogTarget> {
-    Some(cfg.log.clone().unwrap_or(if DETACHED.load(Ordering::Relaxed) {
+pub fn log_target(cfg: &Config) -> LogTarget {
+    cfg.log.clone().unwrap_or(if DETACHED.load(Ordering::Relaxed) {
         LogTarget::Syslog
     } else {
         LogTarget::Stderr
-    }))
+    })
 }
 
 /// `-t`: is everything the configuration names usable? Creates nothing.
@@ -90,6 +90,18 @@ pub fn make_dir(dir: &Path, user: Option<&User>) -> Result<(), String> {
         chown(dir, Some(u.uid), Some(u.gid)).map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Creates `path` if missing and gives it to `user` (mode 0640).
+pub fn own_file(path: &Path, user: &User) -> Result<(), String> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    nix::unistd::fchown(f.as_raw_fd(), Some(user.uid), Some(user.gid))
+        .map_err(|e| format!("cannot chown {}: {e}", path.display()))
 }
 
 /// Switches to `user`: supplementary groups, then gid, then uid; refuses to go on if any

@@ -36,8 +36,10 @@ pub enum ToStore {
     TakeMail { req: u64, max: u32, now: i64 },
     /// Outcomes reported by a mailer.
     MailDone { req: u64, results: Vec<MailResult>, now: i64 },
-    /// Settings that a reload may change.
+    /// Settings that a reload may change; applied between transactions.
     Configure(StoreSettings),
+    /// Where to log, after a reload (the log file is reopened even when unchanged).
+    Logging(LogSettings),
 }
 
 /// Store → reactor.
@@ -67,6 +69,17 @@ pub enum ToMailer {
     Configure(MailSettings),
     /// Send these emails and report one `MailResult` for each.
     Send { jobs: Vec<MailJob> },
+    /// Where to log, after a reload (the log file is reopened even when unchanged).
+    Logging(LogSettings),
+}
+
+/// The log of a child, as a reload leaves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSettings {
+    /// `None`: standard error; `Some("")`: syslog; else a file path.
+    pub file: Option<String>,
+    /// 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    pub level: u8,
 }
 
 /// Mailer → reactor.

@@ -99,6 +99,36 @@ pub fn configure(target: &LogTarget, level: log::LevelFilter) -> std::io::Result
     Ok(())
 }
 
+/// In a freshly forked child, before it closes every inherited descriptor: lets go of
+/// the log's own descriptor (the syslog socket or the file), so that a later write can
+/// never land on a descriptor number the child reuses for its pipes. Returns what to
+/// reopen with [`restore`].
+pub fn release() -> Option<LogTarget> {
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let was = std::mem::replace(&mut st.target, Sink::Stderr);
+    match was {
+        Sink::Stderr => None,
+        Sink::Syslog => {
+            // SAFETY: closelog has no preconditions.
+            unsafe { libc::closelog() };
+            Some(LogTarget::Syslog)
+        }
+        Sink::File(path, f) => {
+            drop(f);
+            Some(LogTarget::File(path))
+        }
+    }
+}
+
+/// Reopens what [`release`] let go of; on failure the child logs to stderr.
+pub fn restore(target: Option<LogTarget>) {
+    if let Some(t) = target {
+        if let Err(e) = configure(&t, log::max_level()) {
+            log::warn!("cannot reopen the log: {e}");
+        }
+    }
+}
+
 /// Reopens the log file, if the log is a file (after logrotate moved it away).
 pub fn reopen() -> std::io::Result<()> {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,4 +136,36 @@ pub fn reopen() -> std::io::Result<()> {
         *f = OpenOptions::new().create(true).append(true).open(&*path)?;
     }
     Ok(())
+}
+
+/// The current target and level as a record for a child.
+pub fn settings(target: &LogTarget, level: log::LevelFilter) -> crate::ipc::LogSettings {
+    crate::ipc::LogSettings {
+        file: match target {
+            LogTarget::Stderr => None,
+            LogTarget::Syslog => Some(String::new()),
+            LogTarget::File(p) => Some(p.display().to_string()),
+        },
+        level: level as u8,
+    }
+}
+
+/// Applies a [`settings`] record in a child.
+pub fn apply(s: &crate::ipc::LogSettings) {
+    let target = match s.file.as_deref() {
+        None => LogTarget::Stderr,
+        Some("") => LogTarget::Syslog,
+        Some(p) => LogTarget::File(p.into()),
+    };
+    let level = match s.level {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    if let Err(e) = configure(&target, level) {
+        log::warn!("cannot reopen the log: {e}");
+    }
 }

@@ -67,6 +67,7 @@ pub fn run(input: OwnedFd, output: OwnedFd) -> i32 {
                     }
                 }
                 Ok(Some(ToMailer::Send { jobs: more })) => jobs.extend(more),
+                Ok(Some(ToMailer::Logging(l))) => crate::logger::apply(&l),
                 Ok(None) => break,
                 Err(e) => {
                     log::error!("reactor: {e}");

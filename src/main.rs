@@ -142,6 +142,11 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     for d in &dirs {
         daemon::make_dir(d, user.as_ref()).map_err(fatal)?;
     }
+    if let (Some(u), Some(config::LogTarget::File(path))) = (&user, &cfg.log) {
+        // The log is reopened on SIGHUP and by restarted children, after privileges
+        // are dropped: it must belong to the user they run as.
+        daemon::own_file(path, u).map_err(fatal)?;
+    }
     let mut ready = if detach { daemon::detach().map_err(fatal)? } else { daemon::Ready::foreground() };
     let result = serve(cfg, listener, addr, mail, user, &mut ready, detach);
     if let Err((_, why)) = &result {
@@ -160,9 +165,8 @@ fn serve(
     detach: bool,
 ) -> Result<i32, (i32, String)> {
     let fatal = |why: String| (1, why);
-    if let Some(target) = daemon::log_target(&cfg) {
-        logger::configure(&target, cfg.log_level).map_err(|e| fatal(format!("cannot open the log: {e}")))?;
-    }
+    logger::configure(&daemon::log_target(&cfg), cfg.log_level)
+        .map_err(|e| fatal(format!("cannot open the log: {e}")))?;
     if let Some(u) = &user {
         daemon::drop_privileges(u).map_err(fatal)?;
         log::info!("running as user {}", u.name);

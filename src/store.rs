@@ -125,6 +125,23 @@ impl Store {
 
     /// Applies one batch in one transaction and appends the answers to `out`.
     pub fn apply(&mut self, batch: &mut Vec<ToStore>, out: &mut Vec<u8>) {
+        // Pragmas cannot change inside a transaction: settings go first.
+        batch.retain(|r| match r {
+            ToStore::Configure(settings) => {
+                if let Err(e) = self.configure(settings) {
+                    log::warn!("{e}");
+                }
+                false
+            }
+            ToStore::Logging(l) => {
+                crate::logger::apply(l);
+                false
+            }
+            _ => true,
+        });
+        if batch.is_empty() {
+            return;
+        }
         let needs_full =
             !self.settings.sync_full && batch.iter().any(|r| matches!(r, ToStore::ReserveIds { .. }));
         if needs_full {
@@ -208,15 +225,18 @@ impl Store {
                 answers.push(FromStore::Done { req: *req });
                 Ok(())
             }
-            ToStore::Configure(settings) => {
-                set_sync(&self.db, settings.sync_full)?;
-                self.db
-                    .busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into()))
-                    .map_err(ctx("busy_timeout"))?;
-                self.settings = settings.clone();
-                Ok(())
-            }
+            // Taken out of the batch by `apply`.
+            ToStore::Configure(_) | ToStore::Logging(_) => Ok(()),
         }
+    }
+
+    fn configure(&mut self, settings: &StoreSettings) -> Result<(), StoreError> {
+        set_sync(&self.db, settings.sync_full)?;
+        self.db
+            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into()))
+            .map_err(ctx("busy_timeout"))?;
+        self.settings = settings.clone();
+        Ok(())
     }
 
     fn subscribe(&self, email: &str, event: &str, now: i64) -> Result<(), StoreError> {
@@ -412,7 +432,7 @@ impl Store {
 
 fn request_id(r: &ToStore) -> Option<u64> {
     match r {
-        ToStore::Hello { .. } | ToStore::Configure(_) => None,
+        ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
         ToStore::Subscribe { req, .. }
         | ToStore::Unsubscribe { req, .. }
         | ToStore::Publish { req, .. }

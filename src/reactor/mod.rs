@@ -1342,6 +1342,10 @@ impl Reactor {
     }
 
     fn reload(&mut self) {
+        // For logrotate: the file is reopened whether or not the configuration loads.
+        if let Err(e) = crate::logger::reopen() {
+            log::error!("reload: cannot reopen the log: {e}");
+        }
         let Some(file) = self.cfg.file.clone() else {
             log::info!("reload: no configuration file; nothing to reread");
             return;
@@ -1382,17 +1386,18 @@ impl Reactor {
             // Connections that authenticated with the old token must AUTH again.
             self.token_gen += 1;
         }
-        if let Some(target) = crate::daemon::log_target(&self.cfg) {
-            if let Err(e) = crate::logger::configure(&target, self.cfg.log_level) {
-                log::error!("reload: cannot open the log: {e}");
-            }
+        let target = crate::daemon::log_target(&self.cfg);
+        if let Err(e) = crate::logger::configure(&target, self.cfg.log_level) {
+            log::error!("reload: cannot open the log: {e}");
         }
-        let _ = crate::logger::reopen();
+        let logging = crate::logger::settings(&target, self.cfg.log_level);
         self.store_settings = store_settings(&self.cfg);
         self.children[0].send(&ToStore::Configure(self.store_settings.clone()));
+        self.children[0].send(&ToStore::Logging(logging.clone()));
         self.mail.settings = mail;
         for i in 1..self.children.len() {
             self.children[i].send(&ToMailer::Configure(self.mail.settings.clone()));
+            self.children[i].send(&ToMailer::Logging(logging.clone()));
         }
         if changed.is_empty() {
             log::info!("configuration reloaded: nothing changed");
@@ -1508,7 +1513,7 @@ fn with_req(mut record: ToStore, new: u64) -> ToStore {
         | ToStore::ReserveIds { req, .. }
         | ToStore::TakeMail { req, .. }
         | ToStore::MailDone { req, .. } => *req = new,
-        ToStore::Hello { .. } | ToStore::Configure(_) => {}
+        ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => {}
     }
     record
 }
