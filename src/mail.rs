@@ -90,6 +90,7 @@ struct Relay {
     tls: RelayTls,
     hello: ClientId,
     credentials: Option<Credentials>,
+    timeout: Duration,
     conn: Option<SmtpConnection>,
     /// Messages accepted on `conn`: a connection that dies after making progress is
     /// replaced once; one that dies before is a relay in trouble.
@@ -171,6 +172,16 @@ impl Mailer {
         }
     }
 
+    /// Replaces [`SMTP_TIMEOUT`] for connects, commands and replies (tests use a short one).
+    pub fn set_smtp_timeout(&mut self, timeout: Duration) {
+        if let Sink::Smtp(relay) = &mut self.sink {
+            relay.timeout = timeout;
+            if let Some(conn) = &mut relay.conn {
+                let _ = conn.set_timeout(Some(timeout));
+            }
+        }
+    }
+
     /// Ends an open SMTP connection politely (QUIT, bounded by a short timeout).
     pub fn close(&mut self) {
         if let Sink::Smtp(relay) = &mut self.sink {
@@ -203,6 +214,7 @@ impl Relay {
             tls,
             hello: ClientId::default(),
             credentials,
+            timeout: SMTP_TIMEOUT,
             conn: None,
             accepted_on_conn: 0,
         })
@@ -216,6 +228,7 @@ impl Relay {
                 self.drop_connection();
             }
         }
+        let timeout = self.timeout;
         for (at, job) in jobs.iter().enumerate() {
             let message = match compose(from, job) {
                 Ok(m) => m,
@@ -229,7 +242,8 @@ impl Relay {
                 Err(e) => {
                     // Nothing to gain from trying the rest one by one, each waiting for
                     // the same dead or refusing relay.
-                    let reason = one_line(&format!("{}:{}: {}", self.host, self.port, smtp_reason(&e)));
+                    let reason =
+                        one_line(&format!("{}:{}: {}", self.host, self.port, smtp_reason(&e, self.timeout)));
                     results.extend(jobs[at..].iter().map(|j| result(j, MailOutcome::Retry(reason.clone()))));
                     return results;
                 }
@@ -241,7 +255,7 @@ impl Relay {
                 }
                 Err(e) => {
                     let reply = e.status().map(|code| code.to_string().parse::<u16>().unwrap_or(0));
-                    let reason = smtp_reason(&e);
+                    let reason = smtp_reason(&e, timeout);
                     results.push(result(job, outcome_for(reply, reason.clone())));
                     if session_lost(reply) {
                         let progressed = self.accepted_on_conn > 0;
@@ -271,7 +285,7 @@ impl Relay {
             };
             let mut conn = SmtpConnection::connect(
                 (self.host.as_str(), self.port),
-                Some(SMTP_TIMEOUT),
+                Some(self.timeout),
                 &self.hello,
                 wrapper,
                 None,
@@ -406,13 +420,30 @@ fn session_lost(reply: Option<u16>) -> bool {
 }
 
 /// `550 5.1.1 no such user` when the relay replied, else lettre's description.
-fn smtp_reason(e: &lettre::transport::smtp::Error) -> String {
+fn smtp_reason(e: &lettre::transport::smtp::Error, timeout: Duration) -> String {
     let text = match (e.status(), std::error::Error::source(e)) {
         (Some(code), Some(message)) => format!("{code} {message}"),
         (Some(code), None) => code.to_string(),
+        // A read timeout (SO_RCVTIMEO) shows as EAGAIN, "Resource temporarily
+        // unavailable", which would puzzle whoever reads the log.
+        (None, _) if e.is_timeout() || io_kind(e) == Some(std::io::ErrorKind::WouldBlock) => {
+            format!("no answer within {} s", timeout.as_secs_f32())
+        }
         (None, _) => e.to_string(),
     };
     one_line(&text)
+}
+
+/// The kind of the I/O error under `e`, if there is one.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut source = e.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// `s` on one line (control characters become spaces, runs of spaces shrink to one),

@@ -191,6 +191,44 @@ fn starttls_with_a_test_ca() {
 }
 
 #[test]
+fn implicit_tls_with_auth() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca_pem, chain, key) = smtp::test_certificates(certs.path());
+    let server = SmtpServer::start(Options {
+        tls: Some((chain, key)),
+        implicit_tls: true,
+        auth: Some(("notifd".into(), "s3cret pass".into())),
+        ..Options::default()
+    });
+    let mut s = settings(Transport::Smtp, server.port);
+    s.smtp_host = "localhost".into();
+    s.smtp_tls = SmtpTls::Tls;
+    s.smtp_ca_pem = Some(ca_pem);
+    s.smtp_user = "notifd".into();
+
+    // A wrong password is a problem of the settings, not of the emails: kept for later.
+    s.smtp_password = "wrong".into();
+    let results = Mailer::new(&s).unwrap().send_batch(&jobs(3));
+    for o in outcomes(&results) {
+        assert!(
+            matches!(o, MailOutcome::Retry(r) if r.contains("535")),
+            "{o:?} {:?} {}",
+            server.events(),
+            server.stderr()
+        );
+    }
+    assert_eq!(server.connections(), 1, "one refused AUTH, not one per job: {:?}", server.events());
+
+    s.smtp_password = "s3cret pass".into();
+    let results = Mailer::new(&s).unwrap().send_batch(&jobs(3));
+    assert!(all_sent(&results), "{results:?}\n{}", server.stderr());
+    let received = server.received();
+    assert_eq!(received.len(), 3);
+    assert!(received.iter().all(|r| r.tls));
+    assert!(server.events().contains(&"auth 2 ok".to_string()), "{:?}", server.events());
+}
+
+#[test]
 fn a_421_is_retried_and_a_later_batch_gets_through() {
     let server = SmtpServer::start(Options { tempfail: 2, ..Options::default() });
     let mut mailer = Mailer::new(&settings(Transport::Smtp, server.port)).unwrap();
@@ -222,6 +260,23 @@ fn a_dead_relay_gives_retry_at_once_for_the_whole_batch() {
     assert_matches_jobs(&results, &batch);
     for o in outcomes(&results) {
         assert!(matches!(o, MailOutcome::Retry(r) if r.contains(&port.to_string())), "{o:?}");
+    }
+}
+
+#[test]
+fn a_relay_that_never_answers_costs_one_timeout_per_batch() {
+    // Accepts connections (the kernel does, from the backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut mailer = Mailer::new(&settings(Transport::Smtp, port)).unwrap();
+    mailer.set_smtp_timeout(Duration::from_millis(500));
+    let batch = jobs(20);
+    let start = Instant::now();
+    let results = mailer.send_batch(&batch);
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert_matches_jobs(&results, &batch);
+    for o in outcomes(&results) {
+        assert!(matches!(o, MailOutcome::Retry(r) if r.contains("no answer within 0.5 s")), "{o:?}");
     }
 }
 

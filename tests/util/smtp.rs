@@ -23,6 +23,10 @@ pub struct Options {
     pub defer_rcpt: Option<String>,
     /// Offer STARTTLS, required, with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: TLS from the first byte instead of STARTTLS.
+    pub implicit_tls: bool,
+    /// Require AUTH with this user and password.
+    pub auth: Option<(String, String)>,
     /// Count messages without saving them.
     pub no_save: bool,
 }
@@ -65,6 +69,12 @@ impl SmtpServer {
         }
         if let Some((cert, key)) = &options.tls {
             cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        if options.implicit_tls {
+            cmd.arg("--implicit-tls");
+        }
+        if let Some((user, password)) = &options.auth {
+            cmd.arg("--auth").arg(format!("{user}:{password}"));
         }
         if options.no_save {
             cmd.arg("--no-save");

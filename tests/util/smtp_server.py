@@ -13,7 +13,9 @@ a client that got its reply can read the log at once:
 Options shape the refusals: --tempfail N answers "421" to the first N MAIL commands;
 --reject-rcpt SUBSTR answers "550" to each RCPT whose address contains SUBSTR;
 --defer-rcpt SUBSTR answers "451" likewise. --cert/--key offer STARTTLS, required.
---no-save counts messages without writing them (for throughput runs).
+--implicit-tls serves TLS from the first byte instead. --auth USER:PASSWORD requires
+AUTH (PLAIN or LOGIN) before MAIL. --no-save counts messages without writing them (for
+throughput runs).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import os
 import ssl
 import sys
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Recorder:
@@ -68,7 +70,8 @@ class Recorder:
                 for rcpt in envelope.rcpt_tos:
                     f.write(b"X-Envelope-To: " + rcpt.encode() + b"\r\n")
                 f.write(envelope.original_content)
-        self.event(f"msg {session.conn_no} {name} {'tls' if session.ssl else 'plain'}")
+        tls = session.ssl or server.transport.get_extra_info("ssl_object") is not None
+        self.event(f"msg {session.conn_no} {name} {'tls' if tls else 'plain'}")
         return "250 2.0.0 OK queued"
 
 
@@ -96,19 +99,37 @@ async def main():
     p.add_argument("--tempfail", type=int, default=0)
     p.add_argument("--reject-rcpt")
     p.add_argument("--defer-rcpt")
+    p.add_argument("--implicit-tls", action="store_true")
+    p.add_argument("--auth")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--lifetime", type=float, default=600)
     args = p.parse_args()
 
     recorder = Recorder(args)
     kwargs = dict(hostname="localhost", ident="notifd-test-smtp", decode_data=False)
+    server_ssl = None
     if args.cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)
-        kwargs.update(tls_context=ctx, require_starttls=True)
+        if args.implicit_tls:
+            server_ssl = ctx
+        else:
+            kwargs.update(tls_context=ctx, require_starttls=True)
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user \
+                and auth_data.password.decode() == password
+            recorder.event(f"auth {session.conn_no} {'ok' if ok else 'refused'}")
+            return AuthResult(success=ok, handled=False)
+
+        kwargs.update(authenticator=authenticator, auth_required=True,
+                      auth_require_tls=not args.implicit_tls and bool(args.cert))
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: CountingSMTP(recorder, **kwargs), "127.0.0.1", 0)
+    server = await loop.create_server(
+        lambda: CountingSMTP(recorder, **kwargs), "127.0.0.1", 0, ssl=server_ssl)
     port = server.sockets[0].getsockname()[1]
     print(f"PORT {port}", flush=True)
 
