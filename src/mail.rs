@@ -302,10 +302,10 @@ impl Relay {
         Ok(self.conn.as_mut().expect("connection just set"))
     }
 
+    /// Forgets a connection that failed. No QUIT (lettre's `abort` sends one): on a relay
+    /// that stopped answering it would wait out another full timeout.
     fn drop_connection(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.abort();
-        }
+        self.conn = None; // closes the socket
         self.accepted_on_conn = 0;
     }
 

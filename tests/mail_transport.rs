@@ -249,6 +249,22 @@ fn a_421_is_retried_and_a_later_batch_gets_through() {
 }
 
 #[test]
+fn a_relay_that_closes_after_some_messages_gets_a_new_connection() {
+    let server = SmtpServer::start(Options { max_per_conn: 2, ..Options::default() });
+    let mut mailer = Mailer::new(&settings(Transport::Smtp, server.port)).unwrap();
+    let batch = jobs(5);
+    let results = mailer.send_batch(&batch);
+    assert_matches_jobs(&results, &batch);
+    let o = outcomes(&results);
+    assert_eq!(
+        (o[0], o[1], o[3], o[4]),
+        (&MailOutcome::Sent, &MailOutcome::Sent, &MailOutcome::Sent, &MailOutcome::Sent)
+    );
+    assert!(matches!(o[2], MailOutcome::Retry(r) if r.starts_with("421")), "{o:?}");
+    assert_eq!(server.connections(), 2, "{:?}", server.events());
+}
+
+#[test]
 fn a_dead_relay_gives_retry_at_once_for_the_whole_batch() {
     // A port that was free a moment ago: nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

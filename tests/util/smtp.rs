@@ -21,6 +21,8 @@ pub struct Options {
     pub reject_rcpt: Option<String>,
     /// Answer 451 to every RCPT whose address contains this.
     pub defer_rcpt: Option<String>,
+    /// Answer 421 to a MAIL after this many messages on one connection (0: no limit).
+    pub max_per_conn: u32,
     /// Offer STARTTLS, required, with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// With `tls`: TLS from the first byte instead of STARTTLS.
@@ -69,6 +71,9 @@ impl SmtpServer {
         }
         if let Some((cert, key)) = &options.tls {
             cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        if options.max_per_conn > 0 {
+            cmd.arg("--max-per-conn").arg(options.max_per_conn.to_string());
         }
         if options.implicit_tls {
             cmd.arg("--implicit-tls");

@@ -12,7 +12,8 @@ a client that got its reply can read the log at once:
 
 Options shape the refusals: --tempfail N answers "421" to the first N MAIL commands;
 --reject-rcpt SUBSTR answers "550" to each RCPT whose address contains SUBSTR;
---defer-rcpt SUBSTR answers "451" likewise. --cert/--key offer STARTTLS, required.
+--defer-rcpt SUBSTR answers "451" likewise; --max-per-conn N answers "421" to a MAIL after
+N messages on one connection (as Exim does after 1,000). --cert/--key offer STARTTLS, required.
 --implicit-tls serves TLS from the first byte instead. --auth USER:PASSWORD requires
 AUTH (PLAIN or LOGIN) before MAIL. --no-save counts messages without writing them (for
 throughput runs).
@@ -42,6 +43,9 @@ class Recorder:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.mails += 1
+        if self.args.max_per_conn and getattr(session, "accepted", 0) >= self.args.max_per_conn:
+            self.event(f"reply {session.conn_no} 421")
+            return "421 4.7.0 Too many messages on this connection"
         if self.mails <= self.args.tempfail:
             self.event(f"reply {session.conn_no} 421")
             return "421 4.3.2 Service not available, try again later"
@@ -61,6 +65,7 @@ class Recorder:
 
     async def handle_DATA(self, server, session, envelope):
         self.saved += 1
+        session.accepted = getattr(session, "accepted", 0) + 1
         name = "-"
         if not self.args.no_save:
             name = f"{self.saved:06d}.eml"
@@ -99,6 +104,7 @@ async def main():
     p.add_argument("--tempfail", type=int, default=0)
     p.add_argument("--reject-rcpt")
     p.add_argument("--defer-rcpt")
+    p.add_argument("--max-per-conn", type=int, default=0)
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
     p.add_argument("--no-save", action="store_true")
