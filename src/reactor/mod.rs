@@ -544,7 +544,12 @@ impl Reactor {
 
     /// Whether the connection may take one more command now.
     fn can_take(&self, c: &Conn) -> bool {
-        c.slots.len() < self.cfg.max_inflight as usize && !self.store_congested() && self.has_ids()
+        // A client that sends without reading its replies stops being read once its
+        // output is over budget, rather than growing it without bound.
+        c.slots.len() < self.cfg.max_inflight as usize
+            && c.out.len() < self.cfg.max_pending
+            && !self.store_congested()
+            && self.has_ids()
     }
 
     fn store_congested(&self) -> bool {
@@ -1292,6 +1297,9 @@ impl Reactor {
             if c.finished() {
                 c.state = State::Closing;
                 self.closing.push(key);
+            } else if c.paused && c.out.len() < self.cfg.max_pending / 2 {
+                // Paused for its output budget (or something that resume re-checks).
+                self.resume.push(key);
             }
         }
         self.dirty.clear();
