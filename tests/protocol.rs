@@ -387,6 +387,11 @@ fn pub_text_is_kept_exactly() {
     let (id, n) = parse_ok_pub(&c.line());
     assert_eq!(n, 1);
     assert_eq!(m, format!("MSG ev {id} Order 1042   has\tshipped  "));
+    // Only spaces and tabs separate arguments: other Unicode spaces are part of the text.
+    c.send("PUB ev \u{2000}\u{3000}wide\u{a0}\r\n");
+    let m = c.line();
+    let (id, _) = parse_ok_pub(&c.line());
+    assert_eq!(m, format!("MSG ev {id} \u{2000}\u{3000}wide\u{a0}"));
 }
 
 #[test]
@@ -1046,4 +1051,65 @@ fn slow_consumer_is_dropped_and_others_get_everything() {
     }
     eprintln!("drained {drained}");
     assert!(drained < sent.len() * text.len(), "the slow consumer got everything: it was not slow");
+}
+
+/// Resumes a stopped process when dropped, so a failing test does not leave it stopped.
+struct Cont(i32);
+
+impl Drop for Cont {
+    fn drop(&mut self) {
+        util::signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn a_ready_reply_waits_behind_one_that_waits_on_the_store() {
+    let d = Daemon::start("");
+    let mut c = d.client();
+    c.cmd("SUB warm a@b");
+    c.expect("+OK SUB warm");
+    let store = d.store_pid();
+    util::signal(store, libc::SIGSTOP);
+    let cont = Cont(store);
+    c.send("SUB ev a@b\r\nPING ready\r\nFOO\r\nPUB ev x\r\nPING last\r\n");
+    // Once the daemon has read them all, PONG and -ERR UNKNOWN are ready, but must wait.
+    util::wait_until("the daemon to read the commands", WAIT, || {
+        util::server_unread(c.local_addr(), d.port) == Some(0)
+    });
+    // The MSG does not wait for the store: it arrives while the store is stopped.
+    let m = c.line();
+    assert!(m.starts_with("MSG ev ") && m.ends_with(" x"), "expected the MSG first, got {m:?}");
+    drop(cont);
+    c.expect("+OK SUB ev");
+    c.expect("PONG ready");
+    c.expect_err("UNKNOWN");
+    let (_, n) = parse_ok_pub(&c.line());
+    assert_eq!(n, 1);
+    c.expect("PONG last");
+}
+
+#[test]
+fn max_inflight_pauses_reading_without_losing_anything() {
+    let d = Daemon::start("max_inflight = 1\nsync = \"normal\"");
+    let mut c = d.client();
+    let mut script = String::new();
+    let mut want = Vec::new();
+    for i in 0..150 {
+        script.push_str(&format!("SUB e{} a@b\r\nPING {i}\r\nBAD\r\n", i % 7));
+        want.push(format!("+OK SUB e{}", i % 7));
+        want.push(format!("PONG {i}"));
+        want.push(String::new());
+    }
+    let mut w = c.sock.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(script.as_bytes()).unwrap());
+    for (k, l) in want.iter().enumerate() {
+        if l.is_empty() {
+            c.expect_err("UNKNOWN");
+        } else {
+            let got = c.line();
+            assert_eq!(&got, l, "reply {k}");
+        }
+    }
+    writer.join().unwrap();
+    assert!(c.sync().is_empty());
 }
