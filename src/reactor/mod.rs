@@ -1294,7 +1294,9 @@ impl Reactor {
                 self.closing.push(key);
                 continue;
             }
-            if c.finished() {
+            // While stopping, stop_step closes every connection itself, after its
+            // `-ERR BUSY shutting down`; closing here would skip that line.
+            if c.finished() && self.stopping.is_none() {
                 c.state = State::Closing;
                 self.closing.push(key);
             } else if c.paused && c.out.len() < self.cfg.max_pending / 2 {
