@@ -1294,9 +1294,9 @@ impl Reactor {
                 self.closing.push(key);
                 continue;
             }
-            // While stopping, stop_step closes every connection itself, after its
-            // `-ERR BUSY shutting down`; closing here would skip that line.
-            if c.finished() && self.stopping.is_none() {
+            // Only QUIT or EOF make a connection finish here: one the server is stopping
+            // is closed by stop_step, after its `-ERR BUSY shutting down`.
+            if c.finished() {
                 c.state = State::Closing;
                 self.closing.push(key);
             } else if c.paused && c.out.len() < self.cfg.max_pending / 2 {
