@@ -172,11 +172,16 @@ fn serve(
         log::info!("running as user {}", u.name);
     }
     let pid_file = cfg.pid_file.clone();
+    if detach {
+        // Before the children are forked, so that none of them holds the terminal or
+        // the pipes of whoever started `notifd -d`; start-up errors from here on reach
+        // the foreground process through `ready`.
+        daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
+    }
     let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
     log::info!("listening on {addr}");
     if detach {
         daemon::write_pid_file(&pid_file).map_err(fatal)?;
-        let _ = daemon::close_stdio();
     }
     ready.ok();
     let status = r.run();

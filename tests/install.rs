@@ -98,10 +98,7 @@ fn make_install(destdir: &Path) {
 }
 
 fn make_uninstall(destdir: &Path) {
-    make_ok(
-        destdir,
-        &["uninstall", "PREFIX=/usr/local", "SYSCONFDIR=/etc"],
-    );
+    make_ok(destdir, &["uninstall", "PREFIX=/usr/local", "SYSCONFDIR=/etc"]);
 }
 
 /// Every file (not directory) under `root`, relative to it, with its mode.
@@ -137,44 +134,25 @@ fn assert_same_content(installed: &Path, source: &Path) {
 fn assert_installed(destdir: &Path) {
     let found = files_under(destdir);
     for &(path, mode) in INSTALLED {
-        let got = found
-            .get(path)
-            .unwrap_or_else(|| panic!("{path} was not installed; installed: {found:#?}"));
+        let got =
+            found.get(path).unwrap_or_else(|| panic!("{path} was not installed; installed: {found:#?}"));
         assert_eq!(*got, mode, "{path} has mode {got:o}, not {mode:o}");
     }
     let expected: Vec<&str> = INSTALLED.iter().map(|(p, _)| *p).collect();
-    let extra: Vec<&String> = found
-        .keys()
-        .filter(|p| !expected.contains(&p.as_str()))
-        .collect();
+    let extra: Vec<&String> = found.keys().filter(|p| !expected.contains(&p.as_str())).collect();
     assert!(extra.is_empty(), "make install put more files: {extra:?}");
 
     let src = source_dir();
     let prefix = destdir.join("usr/local");
     assert_same_content(&prefix.join("sbin/notifd"), &notifd_bin());
     assert_same_content(&prefix.join("bin/notif"), &notif_bin());
-    assert_same_content(
-        &prefix.join("share/man/man8/notifd.8"),
-        &src.join("man/notifd.8"),
-    );
-    assert_same_content(
-        &prefix.join("share/man/man5/notifd.conf.5"),
-        &src.join("man/notifd.conf.5"),
-    );
-    assert_same_content(
-        &prefix.join("share/man/man1/notif.1"),
-        &src.join("man/notif.1"),
-    );
-    assert_same_content(
-        &prefix.join("share/notifd/notifd.conf.example"),
-        &src.join("notifd.conf.example"),
-    );
+    assert_same_content(&prefix.join("share/man/man8/notifd.8"), &src.join("man/notifd.8"));
+    assert_same_content(&prefix.join("share/man/man5/notifd.conf.5"), &src.join("man/notifd.conf.5"));
+    assert_same_content(&prefix.join("share/man/man1/notif.1"), &src.join("man/notif.1"));
+    assert_same_content(&prefix.join("share/notifd/notifd.conf.example"), &src.join("notifd.conf.example"));
     // With the default PREFIX and SYSCONFDIR, the init scripts' paths stay.
     for script in ["notifd.init", "notifd.openrc", "notifd.service"] {
-        assert_same_content(
-            &prefix.join("share/notifd/init").join(script),
-            &src.join("init").join(script),
-        );
+        assert_same_content(&prefix.join("share/notifd/init").join(script), &src.join("init").join(script));
     }
 }
 
@@ -192,11 +170,7 @@ fn install_puts_every_file_in_place_and_uninstall_removes_them() {
     fs::write(&conf, &edited).unwrap();
     make_install(dest.path());
     assert_installed(dest.path());
-    assert_eq!(
-        fs::read_to_string(&conf).unwrap(),
-        edited,
-        "install overwrote an edited notifd.conf"
-    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited, "install overwrote an edited notifd.conf");
 
     make_uninstall(dest.path());
     let left = files_under(dest.path());
@@ -206,10 +180,7 @@ fn install_puts_every_file_in_place_and_uninstall_removes_them() {
         "uninstall left files, or removed the edited configuration"
     );
     assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
-    assert!(
-        !dest.path().join("usr/local/share/notifd").exists(),
-        "uninstall left usr/local/share/notifd"
-    );
+    assert!(!dest.path().join("usr/local/share/notifd").exists(), "uninstall left usr/local/share/notifd");
 }
 
 #[test]
@@ -231,10 +202,7 @@ fn install_keeps_an_existing_configuration() {
     make_install(dest.path());
     assert_eq!(fs::read_to_string(&conf).unwrap(), "port = 7602\n");
     let mode = fs::metadata(&conf).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(
-        mode, 0o640,
-        "install changed the mode of an existing notifd.conf"
-    );
+    assert_eq!(mode, 0o640, "install changed the mode of an existing notifd.conf");
 }
 
 #[test]
@@ -242,45 +210,23 @@ fn install_init_puts_each_script_in_place() {
     let cases = [
         ("sysv", "etc/init.d/notifd", 0o755, "notifd.init"),
         ("openrc", "etc/init.d/notifd", 0o755, "notifd.openrc"),
-        (
-            "systemd",
-            "etc/systemd/system/notifd.service",
-            0o644,
-            "notifd.service",
-        ),
+        ("systemd", "etc/systemd/system/notifd.service", 0o644, "notifd.service"),
     ];
     for (init, path, mode, source) in cases {
         let dest = tempfile::tempdir().unwrap();
         make_ok(
             dest.path(),
-            &[
-                "install-init",
-                &format!("INIT={init}"),
-                "PREFIX=/usr/local",
-                "SYSCONFDIR=/etc",
-            ],
+            &["install-init", &format!("INIT={init}"), "PREFIX=/usr/local", "SYSCONFDIR=/etc"],
         );
         let found = files_under(dest.path());
-        assert_eq!(
-            found,
-            BTreeMap::from([(path.to_owned(), mode)]),
-            "make install-init INIT={init}"
-        );
-        assert_same_content(
-            &dest.path().join(path),
-            &source_dir().join("init").join(source),
-        );
+        assert_eq!(found, BTreeMap::from([(path.to_owned(), mode)]), "make install-init INIT={init}");
+        assert_same_content(&dest.path().join(path), &source_dir().join("init").join(source));
 
         // Another prefix is written into the installed script.
         let dest = tempfile::tempdir().unwrap();
         make_ok(
             dest.path(),
-            &[
-                "install-init",
-                &format!("INIT={init}"),
-                "PREFIX=/opt/notifd",
-                "SYSCONFDIR=/opt/etc",
-            ],
+            &["install-init", &format!("INIT={init}"), "PREFIX=/opt/notifd", "SYSCONFDIR=/opt/etc"],
         );
         let text = fs::read_to_string(dest.path().join(path)).unwrap();
         assert!(
@@ -289,16 +235,12 @@ fn install_init_puts_each_script_in_place() {
         );
         assert!(
             !text.contains("/usr/local/sbin")
-                && text.matches("/etc/notifd.conf").count()
-                    == text.matches("/opt/etc/notifd.conf").count(),
+                && text.matches("/etc/notifd.conf").count() == text.matches("/opt/etc/notifd.conf").count(),
             "INIT={init}: default paths left in:\n{text}"
         );
 
         make_ok(dest.path(), &["uninstall-init", &format!("INIT={init}")]);
-        assert!(
-            files_under(dest.path()).is_empty(),
-            "uninstall-init INIT={init} left files"
-        );
+        assert!(files_under(dest.path()).is_empty(), "uninstall-init INIT={init} left files");
     }
     let dest = tempfile::tempdir().unwrap();
     let out = make(dest.path(), &["install-init", "INIT=upstart"]);
@@ -350,11 +292,7 @@ impl Drop for DaemonGuard {
 
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The init script, run with /bin/sh. Its output goes to files, not pipes:
@@ -392,15 +330,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
         "start-stop-daemon is missing: the SysV script needs it (Debian package dpkg)"
     );
     let dest = tempfile::tempdir().unwrap();
-    make_ok(
-        dest.path(),
-        &[
-            "install-init",
-            "INIT=sysv",
-            "PREFIX=/usr/local",
-            "SYSCONFDIR=/etc",
-        ],
-    );
+    make_ok(dest.path(), &["install-init", "INIT=sysv", "PREFIX=/usr/local", "SYSCONFDIR=/etc"]);
     let script = dest.path().join("etc/init.d/notifd");
 
     let tmp = tempfile::tempdir().unwrap();
@@ -435,10 +365,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     )
     .unwrap();
 
-    let mut guard = DaemonGuard {
-        pid_file: pid_file.clone(),
-        pid: None,
-    };
+    let mut guard = DaemonGuard { pid_file: pid_file.clone(), pid: None };
     let log_text = || fs::read_to_string(&log).unwrap_or_else(|e| format!("(no log: {e})"));
     let run = |action: &str| init_script(&script, &defaults, action, t);
 
@@ -448,18 +375,13 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     // `notifd -d` returns only once it is ready: no waiting after start.
     let (code, out) = run("start");
     assert_eq!(code, 0, "start failed: {out}\n--- log\n{}", log_text());
-    let pid = read_pid(&pid_file)
-        .unwrap_or_else(|| panic!("no pid in {} after start: {out}", pid_file.display()));
+    let pid =
+        read_pid(&pid_file).unwrap_or_else(|| panic!("no pid in {} after start: {out}", pid_file.display()));
     guard.pid = Some(pid);
     assert!(alive(pid), "pid {pid} from the pid file is not running");
 
     let (code, out) = run("status");
-    assert_eq!(
-        code,
-        0,
-        "status while running: {out}\n--- log\n{}",
-        log_text()
-    );
+    assert_eq!(code, 0, "status while running: {out}\n--- log\n{}", log_text());
 
     let stream = TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("connect to port {port}: {e}\n--- log\n{}", log_text()));
@@ -467,10 +389,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     let greeting = read_line(&mut reader);
-    assert!(
-        greeting.starts_with("HELLO notifd 1"),
-        "greeting: {greeting:?}"
-    );
+    assert!(greeting.starts_with("HELLO notifd 1"), "greeting: {greeting:?}");
     assert!(greeting.ends_with("\r\n"), "greeting: {greeting:?}");
     writer.write_all(b"PING\r\n").unwrap();
     assert_eq!(read_line(&mut reader), "PONG\r\n");
@@ -503,10 +422,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     while reader.read_line(&mut rest).map(|n| n > 0).unwrap_or(false) {
         assert!(started.elapsed() < DEADLINE, "no EOF after stop");
     }
-    assert_eq!(
-        rest, "-ERR BUSY shutting down\r\n",
-        "what the client read at stop"
-    );
+    assert_eq!(rest, "-ERR BUSY shutting down\r\n", "what the client read at stop");
 
     // A pid file left by a dead process: LSB status 1.
     let mut dead = Command::new("true").spawn().unwrap();
