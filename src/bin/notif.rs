@@ -115,6 +115,9 @@ fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
             break;
         }
         let flag = &arg[..2];
+        if !matches!(flag, "-H" | "-p" | "-a") {
+            return Err(format!("unknown option {arg}"));
+        }
         let value = if arg.len() > 2 {
             arg[2..].to_string()
         } else {
@@ -127,8 +130,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
         match flag {
             "-H" => host = value,
             "-p" => port = parse_port(&value)?,
-            "-a" => token = Some(value),
-            _ => return Err(format!("unknown option {arg}")),
+            _ => token = Some(value),
         }
         i += 1;
     }
@@ -238,7 +240,9 @@ struct Connection {
 impl Connection {
     fn open(opts: &Options) -> Result<Connection, Failure> {
         let stream = connect(&opts.host, opts.port)?;
-        let peer = stream.peer_addr().map_err(|e| Failure::Connect(e.to_string()))?;
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| Failure::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
         let mut conn = Connection {
