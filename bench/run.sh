@@ -68,10 +68,13 @@ RESULTS=$TMP/results
 : >"$ROWS"
 : >"$RESULTS"
 
+# Below the ephemeral range: the connection scenario leaves thousands of client ports
+# of 127.0.0.x in TIME_WAIT, and a server cannot bind a port still held by one of them.
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
 	local p i
 	for i in $(seq 1 200); do
-		p=$((20000 + RANDOM % 30000))
+		p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
 		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
 			echo "$p"
 			return
@@ -145,6 +148,16 @@ start_server() {
 	esac
 }
 
+# start_server with a second and third chance (another program may take the port).
+start_retry() {
+	local i
+	for i in 1 2 3; do
+		start_server "$@" && return 0
+		stop_server
+	done
+	return 1
+}
+
 stop_server() {
 	[ -n "$SPID" ] || return 0
 	kill -TERM "$SPID" 2>/dev/null || true
@@ -182,7 +195,7 @@ has() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 run_live() {
 	local s=$1 r
-	if ! start_server "$s" live; then
+	if ! start_retry "$s" live; then
 		say "$s did not start; skipping it (log: $(tail -n 3 "$TMP/$s"/*.log "$TMP/$s/stderr" 2>/dev/null | tr '\n' ' '))"
 		stop_server
 		return
@@ -209,7 +222,7 @@ run_live() {
 	stop_server
 	if has conns; then
 		# A fresh server: its memory before the connections is its memory at rest.
-		if start_server "$s" live; then
+		if start_retry "$s" live; then
 			sleep 1
 			if r=$(gen "$s" --scenario conns --conns "$CONNS" --pid "$SPID" --settle 10 --timeout 600); then
 				record conns_bytes "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
@@ -222,7 +235,7 @@ run_live() {
 
 run_durable() {
 	local r kind conns
-	if start_server notifd durable; then
+	if start_retry notifd durable; then
 		for kind in sub pub; do
 			for conns in 10 100; do
 				if r=$(gen notifd --scenario durable --kind $kind --conns $conns --inflight 64 \
@@ -247,6 +260,7 @@ run_sqlite() {
 	done < <(grep '^RESULT' <<<"$out")
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for run in $(seq 1 "$RUNS"); do
 	for s in $SERVERS; do
 		say "run $run/$RUNS: $s"
@@ -363,6 +377,7 @@ REPORT=$TMP/report
 	echo
 	echo "- machine: $MACHINE"
 	echo "- versions: $VERSIONS"
+	echo "- load average (1, 5, 15 min) before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine makes every figure worse and noisier)"
 	echo "- server pinned to CPU $SERVER_CPU, generator to CPU $GEN_CPU (taskset); \`*\` marks a figure whose generator used ≥ $SAT of its CPU (the generator may have been the bottleneck), and \`n/v\` a ratio that is not valid for that reason."
 	echo
 	cat "$TABLE"
