@@ -1,0 +1,509 @@
+//! notif(1): the command-line client of notifd.
+//!
+//! Blocking std::net, one connection at a time; self-contained (it does not use the
+//! notifd library crate), so it builds and behaves the same whatever the daemon's
+//! internals become. It speaks only what PROTOCOL.md promises: a greeting line, then
+//! replies in command order, with `MSG` lines possibly in between.
+
+use std::env;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const DEFAULT_PORT: u16 = 7600;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the server's default `store_timeout` (5 s), so that a slow commit ends in
+/// the server's `-ERR UNAVAILABLE` rather than in our own timeout.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long resets the reconnection delay.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+const EXIT_OK: u8 = 0;
+const EXIT_SERVER_ERR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_CONNECT: u8 = 3;
+
+const USAGE: &str = "usage: notif [-H host] [-p port] [-a token] command [argument ...]
+commands:
+  sub EMAIL EVENT...   subscribe EMAIL to each EVENT and print notifications as they arrive
+  pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
+  list EMAIL           print the events EMAIL is subscribed to, with the time of subscription
+  ping [TEXT...]       check that the server answers";
+
+/// Why a command did not complete; each maps to one exit status.
+#[derive(Debug)]
+enum Failure {
+    /// Bad command line (exit 2).
+    Usage(String),
+    /// The server answered `-ERR ...` (exit 1); holds the server's line.
+    Server(String),
+    /// No connection, a lost connection, or a peer that is not notifd (exit 3).
+    Connect(String),
+    /// Standard output was closed (e.g. `notif sub ... | head -1`): stop quietly.
+    StdoutClosed,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(s) | Failure::Connect(s) => f.write_str(s),
+            Failure::Server(line) => write!(f, "server: {line}"),
+            Failure::StdoutClosed => f.write_str("standard output closed"),
+        }
+    }
+}
+
+struct Options {
+    host: String,
+    port: u16,
+    token: Option<String>,
+    command: String,
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = env::args().skip(1).collect();
+    let opts = match parse_args(&argv) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::from(EXIT_OK);
+        }
+        Err(msg) => {
+            eprintln!("notif: {msg}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match try_main(&opts) {
+        Ok(()) | Err(Failure::StdoutClosed) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("notif: {e}");
+            ExitCode::from(match e {
+                Failure::Usage(_) => EXIT_USAGE,
+                Failure::Server(_) => EXIT_SERVER_ERR,
+                Failure::Connect(_) => EXIT_CONNECT,
+                Failure::StdoutClosed => EXIT_OK,
+            })
+        }
+    }
+}
+
+/// `Ok(None)` means help was asked for.
+fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
+    let mut host = env::var("NOTIF_HOST").unwrap_or_else(|_| "localhost".into());
+    let mut port = match env::var("NOTIF_PORT") {
+        Ok(p) => parse_port(&p).map_err(|e| format!("NOTIF_PORT: {e}"))?,
+        Err(_) => DEFAULT_PORT,
+    };
+    let mut token = env::var("NOTIF_TOKEN").ok().filter(|t| !t.is_empty());
+    let mut i = 0;
+    while i < argv.len() {
+        let arg = argv[i].as_str();
+        if arg == "--" {
+            i += 1;
+            break;
+        }
+        if arg == "-h" || arg == "--help" {
+            return Ok(None);
+        }
+        if !arg.starts_with('-') || arg == "-" {
+            break;
+        }
+        let flag = &arg[..2];
+        if !matches!(flag, "-H" | "-p" | "-a") {
+            return Err(format!("unknown option {arg}"));
+        }
+        let value = if arg.len() > 2 {
+            arg[2..].to_string()
+        } else {
+            i += 1;
+            match argv.get(i) {
+                Some(v) => v.clone(),
+                None => return Err(format!("option {flag} needs a value")),
+            }
+        };
+        match flag {
+            "-H" => host = value,
+            "-p" => port = parse_port(&value)?,
+            _ => token = Some(value),
+        }
+        i += 1;
+    }
+    let Some(command) = argv.get(i) else {
+        return Err("no command given".into());
+    };
+    let args = argv[i + 1..].to_vec();
+    let command = command.to_ascii_lowercase();
+    let arity_ok = match command.as_str() {
+        "sub" => args.len() >= 2,
+        "pub" => args.len() >= 2,
+        "list" => args.len() == 1,
+        "ping" => true,
+        _ => return Err(format!("unknown command {:?}", argv[i])),
+    };
+    if !arity_ok {
+        return Err(format!("wrong number of arguments for {command}"));
+    }
+    // A line break inside an argument would smuggle a second command onto the wire.
+    if args.iter().any(|a| a.contains(['\n', '\r'])) {
+        return Err("arguments must not contain line breaks".into());
+    }
+    if let Some(t) = &token {
+        if t.contains(['\n', '\r', ' ', '\t']) || t.is_empty() {
+            return Err("the token must be one word".into());
+        }
+    }
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    Ok(Some(Options {
+        host,
+        port,
+        token,
+        command,
+        args,
+    }))
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("bad port {s:?}")),
+    }
+}
+
+fn try_main(opts: &Options) -> Result<(), Failure> {
+    match opts.command.as_str() {
+        "sub" => subscribe_forever(opts),
+        "pub" => {
+            let text = opts.args[1..].join(" ");
+            if text.trim().is_empty() {
+                return Err(Failure::Usage("empty text".into()));
+            }
+            let mut conn = Connection::open(opts)?;
+            conn.send(&format!("PUB {} {}", opts.args[0], text))?;
+            let reply = conn.reply()?;
+            // +OK PUB <id> <n>
+            let id = reply.split_whitespace().nth(2).unwrap_or("");
+            print_line(id)?;
+            conn.quit();
+            Ok(())
+        }
+        "list" => {
+            let mut conn = Connection::open(opts)?;
+            conn.send(&format!("LIST {}", opts.args[0]))?;
+            loop {
+                let line = conn.line()?;
+                if is_ok(&line) {
+                    break;
+                }
+                if is_err(&line) {
+                    return Err(Failure::Server(line));
+                }
+                // SUB <event> <email> <timestamp>
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() == 4 && f[0] == "SUB" {
+                    print_line(&format!("{} {}", f[1], f[3]))?;
+                }
+            }
+            conn.quit();
+            Ok(())
+        }
+        "ping" => {
+            let mut conn = Connection::open(opts)?;
+            let cmd = if opts.args.is_empty() {
+                "PING".to_string()
+            } else {
+                format!("PING {}", opts.args.join(" "))
+            };
+            conn.send(&cmd)?;
+            let reply = conn.reply()?;
+            print_line(&reply)?;
+            conn.quit();
+            Ok(())
+        }
+        other => Err(Failure::Usage(format!("unknown command {other}"))),
+    }
+}
+
+/// One connection to the server, past its greeting (and AUTH, when a token is given).
+struct Connection {
+    reader: BufReader<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    fn open(opts: &Options) -> Result<Connection, Failure> {
+        let stream = connect(&opts.host, opts.port)?;
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
+        let mut conn = Connection {
+            reader: BufReader::new(stream),
+            peer,
+        };
+        let greeting = conn.line()?;
+        if is_err(&greeting) {
+            // -ERR BUSY: the server is full or shutting down.
+            return Err(Failure::Server(greeting));
+        }
+        if !greeting.starts_with("HELLO notifd ") {
+            return Err(Failure::Connect(format!(
+                "{peer}: not a notifd server (greeting {greeting:?})"
+            )));
+        }
+        if let Some(token) = &opts.token {
+            conn.send(&format!("AUTH {token}"))?;
+            conn.reply()?;
+        }
+        Ok(conn)
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), Failure> {
+        let mut buf = Vec::with_capacity(line.len() + 2);
+        buf.extend_from_slice(line.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        let peer = self.peer;
+        self.reader
+            .get_mut()
+            .write_all(&buf)
+            .map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))
+    }
+
+    /// The next line from the server, without its CRLF.
+    fn line(&mut self) -> Result<String, Failure> {
+        let mut buf = Vec::new();
+        let peer = self.peer;
+        match self.reader.read_until(b'\n', &mut buf) {
+            Ok(0) => Err(Failure::Connect(format!("{peer}: connection closed"))),
+            Ok(_) if !buf.ends_with(b"\n") => {
+                Err(Failure::Connect(format!("{peer}: connection closed")))
+            }
+            Ok(_) => {
+                buf.pop();
+                if buf.ends_with(b"\r") {
+                    buf.pop();
+                }
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                Err(Failure::Connect(format!("{peer}: no reply in time")))
+            }
+            Err(e) => Err(Failure::Connect(format!("{peer}: read: {e}"))),
+        }
+    }
+
+    /// The reply to the oldest command still unanswered; `MSG` lines before it are
+    /// skipped (one-shot commands never subscribe, but a server may be generous).
+    fn reply(&mut self) -> Result<String, Failure> {
+        loop {
+            let line = self.line()?;
+            if line.starts_with("MSG ") {
+                continue;
+            }
+            if is_err(&line) {
+                return Err(Failure::Server(line));
+            }
+            return Ok(line);
+        }
+    }
+
+    /// Polite goodbye; errors are of no interest any more.
+    fn quit(mut self) {
+        if self.send("QUIT").is_ok() {
+            let _ = self.reader.get_mut().shutdown(std::net::Shutdown::Write);
+            let _ = self
+                .reader
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_secs(2)));
+            while let Ok(line) = self.line() {
+                if line.starts_with("+OK QUIT") {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn is_ok(line: &str) -> bool {
+    line == "+OK" || line.starts_with("+OK ")
+}
+
+fn is_err(line: &str) -> bool {
+    line == "-ERR" || line.starts_with("-ERR ")
+}
+
+/// Resolves (host, port) and tries each address in turn, as `ToSocketAddrs` lists
+/// them; so `-H ::1`, `-H 127.0.0.1` and host names all work.
+fn connect(host: &str, port: u16) -> Result<TcpStream, Failure> {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| Failure::Connect(format!("{host}: {e}")))?
+        .collect();
+    let mut last = format!("{host}: no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("connect to {addr}: {e}"),
+        }
+    }
+    Err(Failure::Connect(last))
+}
+
+fn print_line(s: &str) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{s}")
+        .and_then(|()| out.flush())
+        .map_err(|_| Failure::StdoutClosed)
+}
+
+/// `sub`: subscribe, print every notification, and when the connection drops, come back
+/// with growing delays and subscribe again. Only the first connection's failures end
+/// the program; after that the subscriber keeps trying.
+fn subscribe_forever(opts: &Options) -> Result<(), Failure> {
+    let email = &opts.args[0];
+    let events = &opts.args[1..];
+    let mut conn = Connection::open(opts)?;
+    subscribe(&mut conn, email, events, true)?;
+    let mut delay = RECONNECT_FIRST;
+    let mut seed = jitter_seed();
+    loop {
+        let since = Instant::now();
+        let why = match receive(&mut conn) {
+            Ok(()) => unreachable!("receive returns only on failure"),
+            Err(Failure::StdoutClosed) => return Ok(()),
+            Err(e) => e,
+        };
+        if since.elapsed() >= STABLE_AFTER {
+            delay = RECONNECT_FIRST;
+        }
+        conn = loop {
+            let wait = jittered(delay, &mut seed);
+            eprintln!(
+                "notif: connection lost ({why}); reconnecting in {:.1}s",
+                wait.as_secs_f64()
+            );
+            thread::sleep(wait);
+            delay = (delay * 2).min(RECONNECT_MAX);
+            let attempt = Connection::open(opts).and_then(|mut c| {
+                subscribe(&mut c, email, events, false)?;
+                Ok(c)
+            });
+            match attempt {
+                Ok(c) => {
+                    eprintln!(
+                        "notif: reconnected to {}, subscribed again to {} event(s)",
+                        c.peer,
+                        events.len()
+                    );
+                    break c;
+                }
+                Err(Failure::StdoutClosed) => return Ok(()),
+                // A refused event or address will not get better by retrying.
+                Err(Failure::Server(line)) if !retryable(&line) => {
+                    return Err(Failure::Server(line));
+                }
+                Err(e) => eprintln!("notif: reconnect failed: {e}"),
+            }
+        };
+    }
+}
+
+/// `-ERR BUSY` (full, shutting down) and `-ERR UNAVAILABLE` (the database) are
+/// passing states of the server; the others describe our request.
+fn retryable(line: &str) -> bool {
+    line.starts_with("-ERR BUSY") || line.starts_with("-ERR UNAVAILABLE")
+}
+
+/// Sends every SUB at once (pipelined) and waits for their replies, printing any
+/// notification that arrives meanwhile (the live subscription starts before the `+OK`).
+fn subscribe(
+    conn: &mut Connection,
+    email: &str,
+    events: &[String],
+    first: bool,
+) -> Result<(), Failure> {
+    let mut batch = String::new();
+    for ev in events {
+        batch.push_str(&format!("SUB {ev} {email}\r\n"));
+    }
+    let peer = conn.peer;
+    conn.reader
+        .get_mut()
+        .write_all(batch.as_bytes())
+        .map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))?;
+    let mut acked = 0;
+    while acked < events.len() {
+        let line = conn.line()?;
+        if let Some(rest) = line.strip_prefix("MSG ") {
+            print_msg(rest)?;
+        } else if is_ok(&line) {
+            acked += 1;
+        } else if line.starts_with("-ERR UNAVAILABLE") && !first {
+            // The live subscription stays; the stored one is already there from before.
+            eprintln!("notif: {line}");
+            acked += 1;
+        } else if is_err(&line) {
+            return Err(Failure::Server(line));
+        }
+    }
+    // Subscribers idle for hours: no read timeout, but TCP keepalive notices a dead peer.
+    let sock = conn.reader.get_ref();
+    let _ = sock.set_read_timeout(None);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&ka);
+    Ok(())
+}
+
+/// Prints notifications until the connection ends; always returns an error.
+fn receive(conn: &mut Connection) -> Result<(), Failure> {
+    loop {
+        let line = conn.line()?;
+        if let Some(rest) = line.strip_prefix("MSG ") {
+            print_msg(rest)?;
+        } else if is_err(&line) {
+            // Typically `-ERR BUSY shutting down` just before the server closes.
+            return Err(Failure::Connect(format!("server said {line}")));
+        }
+    }
+}
+
+/// `MSG <event> <id> <text>` is printed as `<event> <id> <text>`.
+fn print_msg(rest: &str) -> Result<(), Failure> {
+    print_line(rest)
+}
+
+fn jitter_seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32) | 1
+}
+
+/// `delay` scaled by a factor in [0.75, 1.25), so that many subscribers cut off at once
+/// do not all come back in the same instant.
+fn jittered(delay: Duration, seed: &mut u64) -> Duration {
+    // xorshift64
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let f = 0.75 + (*seed % 1000) as f64 / 2000.0;
+    delay.mul_f64(f)
+}
