@@ -1209,16 +1209,19 @@ impl Reactor {
             Instant::now() + Duration::from_secs(wait)
         });
         // Hand each job to the mailer with the most room; skip one a mailer already holds
-        // (the store released its lease after a store restart).
+        // (the store released its lease after a store restart). The store has leased
+        // these jobs: when every mailer died while the TakeMail was in flight, a dead one
+        // holds them and gets them when it restarts, rather than nobody until the store's
+        // next start.
         let mut batches: Vec<Vec<MailJob>> = vec![Vec::new(); self.children.len()];
         for job in jobs {
             let key = (job.id, Box::from(job.email.as_str()));
             if self.mail.held.iter().any(|h| h.contains_key(&key)) {
                 continue;
             }
-            let best = (1..self.children.len())
-                .filter(|&i| self.children[i].up())
-                .max_by_key(|&i| MAILER_CAPACITY.saturating_sub(self.mail.held[i - 1].len()));
+            let best = (1..self.children.len()).max_by_key(|&i| {
+                (self.children[i].up(), MAILER_CAPACITY.saturating_sub(self.mail.held[i - 1].len()))
+            });
             let Some(i) = best else { break };
             self.mail.held[i - 1].insert(key, (job.clone(), 0));
             batches[i].push(job);

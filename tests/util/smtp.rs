@@ -31,6 +31,9 @@ pub struct Options {
     pub auth: Option<(String, String)>,
     /// Count messages without saving them.
     pub no_save: bool,
+    /// Listen on this port (0: one the kernel chooses), e.g. to bring back a relay that
+    /// was down.
+    pub port: u16,
 }
 
 /// A running server; its folder holds `events.log`, the saved messages and its stderr.
@@ -83,6 +86,9 @@ impl SmtpServer {
         }
         if options.no_save {
             cmd.arg("--no-save");
+        }
+        if options.port != 0 {
+            cmd.arg("--port").arg(options.port.to_string());
         }
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
         let mut child = cmd

@@ -16,7 +16,8 @@ Options shape the refusals: --tempfail N answers "421" to the first N MAIL comma
 N messages on one connection (as Exim does after 1,000). --cert/--key offer STARTTLS, required.
 --implicit-tls serves TLS from the first byte instead. --auth USER:PASSWORD requires
 AUTH (PLAIN or LOGIN) before MAIL. --no-save counts messages without writing them (for
-throughput runs).
+throughput runs). --port N listens on that port instead of a free one (a relay that was
+down comes back where the client expects it).
 """
 
 import argparse
@@ -108,6 +109,7 @@ async def main():
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--port", type=int, default=0)
     p.add_argument("--lifetime", type=float, default=600)
     args = p.parse_args()
 
@@ -135,7 +137,7 @@ async def main():
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: CountingSMTP(recorder, **kwargs), "127.0.0.1", 0, ssl=server_ssl)
+        lambda: CountingSMTP(recorder, **kwargs), "127.0.0.1", args.port, ssl=server_ssl)
     port = server.sockets[0].getsockname()[1]
     print(f"PORT {port}", flush=True)
 
