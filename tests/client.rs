@@ -73,12 +73,7 @@ impl Daemon {
                 );
             }
         };
-        Daemon {
-            child,
-            addr,
-            log,
-            dir,
-        }
+        Daemon { child, addr, log, dir }
     }
 
     fn port(&self) -> u16 {
@@ -115,10 +110,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
         if thread::panicking() {
-            eprintln!(
-                "--- notifd log ---\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
+            eprintln!("--- notifd log ---\n{}", self.log.lock().unwrap().join("\n"));
         }
     }
 }
@@ -127,10 +119,7 @@ impl Drop for Daemon {
 fn listening_on(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
     let word = rest.split_whitespace().next()?;
-    word.trim_end_matches([',', '.', ';', ')'])
-        .trim_start_matches('(')
-        .parse()
-        .ok()
+    word.trim_end_matches([',', '.', ';', ')']).trim_start_matches('(').parse().ok()
 }
 
 fn notif(port: u16, args: &[&str]) -> Output {
@@ -202,9 +191,7 @@ impl Subscriber {
     }
 
     fn next_line(&self) -> String {
-        self.out
-            .recv_timeout(WAIT)
-            .expect("a notification line from notif sub")
+        self.out.recv_timeout(WAIT).expect("a notification line from notif sub")
     }
 }
 
@@ -268,10 +255,7 @@ fn pub_prints_growing_ids_and_list_exits_0() {
     let d = Daemon::start("127.0.0.1", 0);
     let mut last = 0u64;
     for _ in 0..3 {
-        let o = notif(
-            d.port(),
-            &["pub", "orders.shipped", "Order", "1042", "shipped"],
-        );
+        let o = notif(d.port(), &["pub", "orders.shipped", "Order", "1042", "shipped"]);
         assert_eq!(code(&o), 0, "{}", text(&o.stderr));
         let id: u64 = text(&o.stdout).trim().parse().expect("an id on stdout");
         assert!(id > last, "ids grow: {id} after {last}");
@@ -285,23 +269,13 @@ fn pub_prints_growing_ids_and_list_exits_0() {
 #[test]
 fn sub_prints_what_another_notif_publishes() {
     let d = Daemon::start("127.0.0.1", 0);
-    let sub = Subscriber::start(
-        d.port(),
-        "ana@example.com",
-        &["orders.shipped", "orders.paid"],
-    );
+    let sub = Subscriber::start(d.port(), "ana@example.com", &["orders.shipped", "orders.paid"]);
     wait_subscribed(d.port(), "ana@example.com", "orders.shipped ");
     wait_subscribed(d.port(), "ana@example.com", "orders.paid ");
-    let o = notif(
-        d.port(),
-        &["pub", "orders.shipped", "Order 1042 has  shipped"],
-    );
+    let o = notif(d.port(), &["pub", "orders.shipped", "Order 1042 has  shipped"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     let id = text(&o.stdout).trim().to_string();
-    assert_eq!(
-        sub.next_line(),
-        format!("orders.shipped {id} Order 1042 has  shipped")
-    );
+    assert_eq!(sub.next_line(), format!("orders.shipped {id} Order 1042 has  shipped"));
     let o = notif(d.port(), &["pub", "orders.paid", "paid"]);
     let id = text(&o.stdout).trim().to_string();
     assert_eq!(sub.next_line(), format!("orders.paid {id} paid"));
@@ -350,25 +324,13 @@ fn server_errors_exit_1_with_the_line_on_stderr() {
     let d = Daemon::start("127.0.0.1", 0);
     let o = notif(d.port(), &["pub", "bad*event", "text"]);
     assert_eq!(code(&o), 1);
-    assert!(
-        text(&o.stderr).contains("-ERR EVENT"),
-        "{}",
-        text(&o.stderr)
-    );
+    assert!(text(&o.stderr).contains("-ERR EVENT"), "{}", text(&o.stderr));
     let o = notif(d.port(), &["list", "not-an-address"]);
     assert_eq!(code(&o), 1);
-    assert!(
-        text(&o.stderr).contains("-ERR EMAIL"),
-        "{}",
-        text(&o.stderr)
-    );
+    assert!(text(&o.stderr).contains("-ERR EMAIL"), "{}", text(&o.stderr));
     let o = notif(d.port(), &["sub", "ana@example.com", "bad*event"]);
     assert_eq!(code(&o), 1);
-    assert!(
-        text(&o.stderr).contains("-ERR EVENT"),
-        "{}",
-        text(&o.stderr)
-    );
+    assert!(text(&o.stderr).contains("-ERR EVENT"), "{}", text(&o.stderr));
 }
 
 #[test]
@@ -482,17 +444,7 @@ fn bench_smoke() {
     assert!(result_field(&r, "acked").parse::<u64>().unwrap() > 0, "{r}");
     assert_eq!(result_field(&r, "errors"), "0", "{r}");
     let db = d.dir.path().join("baseline.db");
-    let r = bench(&[
-        "--scenario",
-        "sqlite",
-        "--db",
-        db.to_str().unwrap(),
-        "--duration",
-        "0.1",
-    ]);
+    let r = bench(&["--scenario", "sqlite", "--db", db.to_str().unwrap(), "--duration", "0.1"]);
     assert!(r.contains("mode=batch10000"), "{r}");
-    assert!(
-        !Path::new(&db).exists(),
-        "the baseline cleans up after itself"
-    );
+    assert!(!Path::new(&db).exists(), "the baseline cleans up after itself");
 }

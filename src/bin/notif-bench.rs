@@ -125,8 +125,7 @@ fn parse_args() -> Result<Args, String> {
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         let num = |v: &str| -> Result<u64, String> {
-            v.parse::<u64>()
-                .map_err(|_| format!("{k}: bad number {v:?}"))
+            v.parse::<u64>().map_err(|_| format!("{k}: bad number {v:?}"))
         };
         let secs = |v: &str| -> Result<Duration, String> {
             v.parse::<f64>()
@@ -211,10 +210,7 @@ fn main() -> ExitCode {
 fn raise_nofile() {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
             rl.rlim_cur = rl.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
@@ -242,10 +238,7 @@ struct Meter {
 
 impl Meter {
     fn start() -> Meter {
-        Meter {
-            wall: Instant::now(),
-            cpu: cpu_seconds(),
-        }
+        Meter { wall: Instant::now(), cpu: cpu_seconds() }
     }
     fn stop(&self) -> (f64, f64) {
         let secs = self.wall.elapsed().as_secs_f64().max(1e-9);
@@ -265,11 +258,7 @@ struct Histogram {
 
 impl Histogram {
     fn new() -> Histogram {
-        Histogram {
-            buckets: vec![0; 1024 + 54 * 512],
-            count: 0,
-            max: 0,
-        }
+        Histogram { buckets: vec![0; 1024 + 54 * 512], count: 0, max: 0 }
     }
     fn index(us: u64) -> usize {
         if us < 1024 {
@@ -344,11 +333,7 @@ fn find_nl(buf: &[u8]) -> Option<usize> {
         }
         base += 8;
     }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|k| base + k)
+    chunks.remainder().iter().position(|&b| b == b'\n').map(|k| base + k)
 }
 
 fn line(buf: &[u8]) -> Option<(&[u8], usize)> {
@@ -558,10 +543,7 @@ fn hello(server: Server, out: &mut Vec<u8>, client_id: usize) {
             body.push(4); // protocol level 3.1.1
             body.push(0x02); // clean session
             body.extend_from_slice(&0u16.to_be_bytes()); // no keepalive
-            mqtt_str(
-                &mut body,
-                format!("nb{}x{client_id}", std::process::id()).as_bytes(),
-            );
+            mqtt_str(&mut body, format!("nb{}x{client_id}", std::process::id()).as_bytes());
             mqtt_packet(out, 0x10, &body);
         }
     }
@@ -570,9 +552,7 @@ fn hello(server: Server, out: &mut Vec<u8>, client_id: usize) {
 /// A subscription request whose confirmation comes back as one `Ev::Ack`.
 fn subscribe(server: Server, out: &mut Vec<u8>, topic: &str, who: usize) {
     match server {
-        Server::Notifd => {
-            out.extend_from_slice(format!("SUB {topic} s{who}@bench.example\r\n").as_bytes())
-        }
+        Server::Notifd => out.extend_from_slice(format!("SUB {topic} s{who}@bench.example\r\n").as_bytes()),
         Server::Redis => out.extend_from_slice(
             format!("*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{topic}\r\n", topic.len()).as_bytes(),
         ),
@@ -599,12 +579,8 @@ fn publish(server: Server, out: &mut Vec<u8>, topic: &str, payload: &[u8]) {
         }
         Server::Redis => {
             out.extend_from_slice(
-                format!(
-                    "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{topic}\r\n${}\r\n",
-                    topic.len(),
-                    payload.len()
-                )
-                .as_bytes(),
+                format!("*3\r\n$7\r\nPUBLISH\r\n${}\r\n{topic}\r\n${}\r\n", topic.len(), payload.len())
+                    .as_bytes(),
             );
             out.extend_from_slice(payload);
             out.extend_from_slice(b"\r\n");
@@ -766,17 +742,12 @@ impl Bench {
         role: Role,
         flow: usize,
     ) -> Result<usize, String> {
-        let sock = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM,
-            Some(SockProtocol::TCP),
-        )
-        .map_err(|e| format!("socket: {e}"))?;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))
+            .map_err(|e| format!("socket: {e}"))?;
         sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         sock.set_nodelay(true).map_err(|e| e.to_string())?;
         if let Some(ip) = source {
-            sock.bind(&SocketAddr::new(ip, 0).into())
-                .map_err(|e| format!("bind {ip}: {e}"))?;
+            sock.bind(&SocketAddr::new(ip, 0).into()).map_err(|e| format!("bind {ip}: {e}"))?;
         }
         match sock.connect(&addr.into()) {
             Ok(()) => {}
@@ -787,11 +758,7 @@ impl Bench {
         let id = self.conns.len();
         self.poll
             .registry()
-            .register(
-                &mut stream,
-                Token(id),
-                Interest::READABLE | Interest::WRITABLE,
-            )
+            .register(&mut stream, Token(id), Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| format!("register: {e}"))?;
         let mut wbuf = Vec::new();
         hello(self.server, &mut wbuf, id);
@@ -1026,10 +993,7 @@ impl Bench {
         let first = self.conns.len();
         let mut next = 0;
         loop {
-            let unfinished = self.conns[first..]
-                .iter()
-                .filter(|c| !c.ready && !c.closed)
-                .count();
+            let unfinished = self.conns[first..].iter().filter(|c| !c.ready && !c.closed).count();
             let mut room = SETUP_CONCURRENCY.saturating_sub(unfinished);
             while room > 0 && next < plan.len() {
                 let (role, flow) = plan[next];
@@ -1055,10 +1019,7 @@ impl Bench {
             }
             self.poll_once(&mut events, Duration::from_millis(50))?;
         }
-        let ready = self.conns[first..]
-            .iter()
-            .filter(|c| c.ready && !c.closed)
-            .count();
+        let ready = self.conns[first..].iter().filter(|c| c.ready && !c.closed).count();
         Ok((ready, plan.len() - ready))
     }
 
@@ -1078,9 +1039,7 @@ impl Bench {
 }
 
 fn sources(n: usize) -> Vec<IpAddr> {
-    (0..n)
-        .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, (k + 1) as u8)))
-        .collect()
+    (0..n).map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, (k + 1) as u8))).collect()
 }
 
 fn fmt_result(fields: &[(&str, String)]) -> String {
@@ -1110,11 +1069,7 @@ fn run_flows(a: &Args) -> Result<(), String> {
     };
     let mut plan = Vec::new();
     for f in 0..nflows {
-        let topic = if nflows == 1 {
-            format!("bench.{}", a.scenario)
-        } else {
-            format!("bench.pair{f}")
-        };
+        let topic = if nflows == 1 { format!("bench.{}", a.scenario) } else { format!("bench.pair{f}") };
         b.flows.push(Flow {
             topic,
             publisher: 0,
@@ -1215,10 +1170,7 @@ fn run_flows(a: &Args) -> Result<(), String> {
     let delivered: u64 = b.flows.iter().map(|f| f.delivered).sum();
     let expected: u64 = b.flows.iter().map(|f| f.sent * f.subs_start).sum();
     let sent: u64 = b.flows.iter().map(|f| f.sent).sum();
-    let mut fields = vec![
-        ("scenario", a.scenario.clone()),
-        ("server", a.server.name().into()),
-    ];
+    let mut fields = vec![("scenario", a.scenario.clone()), ("server", a.server.name().into())];
     match a.scenario.as_str() {
         "pairs" => fields.push(("pairs", a.pairs.to_string())),
         _ => fields.push(("subs", a.subs.to_string())),
@@ -1274,12 +1226,7 @@ fn tree_rss_kb(pid: u32) -> u64 {
         if let Ok(status) = fs::read_to_string(format!("/proc/{p}/status")) {
             for l in status.lines() {
                 if let Some(v) = l.strip_prefix("VmRSS:") {
-                    total += v
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap_or(0);
+                    total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
                 }
             }
         }
@@ -1295,12 +1242,7 @@ fn run_conns(a: &Args) -> Result<(), String> {
     let deadline = Instant::now() + a.timeout;
     let mut b = Bench::new(a.server, a.payload)?;
     // About 20,000 ephemeral ports per source address keeps clear of the range's end.
-    let nsrc = if a.sources > 0 {
-        a.sources
-    } else {
-        (a.conns / 20_000 + 1).max(4)
-    }
-    .min(254);
+    let nsrc = if a.sources > 0 { a.sources } else { (a.conns / 20_000 + 1).max(4) }.min(254);
     let before = tree_rss_kb(pid);
     let meter = Meter::start();
     let plan = vec![(Role::Idle, 0); a.conns];
@@ -1314,11 +1256,7 @@ fn run_conns(a: &Args) -> Result<(), String> {
     }
     let still = b.conns.iter().filter(|c| c.ready && !c.closed).count();
     let after = tree_rss_kb(pid);
-    let per_conn = if still > 0 {
-        (after.saturating_sub(before) * 1024) as f64 / still as f64
-    } else {
-        0.0
-    };
+    let per_conn = if still > 0 { (after.saturating_sub(before) * 1024) as f64 / still as f64 } else { 0.0 };
     println!(
         "{}",
         fmt_result(&[
@@ -1440,14 +1378,11 @@ fn run_sqlite(a: &Args) -> Result<(), String> {
             let tx = db.unchecked_transaction().map_err(e)?;
             {
                 let mut st = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO subscriptions VALUES (?1, 'bench.sqlite', ?2)",
-                    )
+                    .prepare_cached("INSERT OR IGNORE INTO subscriptions VALUES (?1, 'bench.sqlite', ?2)")
                     .map_err(e)?;
                 for _ in 0..batch {
                     n += 1;
-                    st.execute(params![format!("u{n}@bench.example"), 1_800_000_000i64])
-                        .map_err(e)?;
+                    st.execute(params![format!("u{n}@bench.example"), 1_800_000_000i64]).map_err(e)?;
                 }
             }
             tx.commit().map_err(e)?;
@@ -1521,27 +1456,18 @@ mod tests {
         let r = b"*3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$3\r\nabc\r\n:1\r\n";
         let (ev, used) = parse_resp(r).unwrap().unwrap();
         assert!(matches!(ev, Ev::Msg(b"abc")));
-        assert!(matches!(
-            parse_resp(&r[used..]).unwrap(),
-            Some((Ev::Ack, 4))
-        ));
+        assert!(matches!(parse_resp(&r[used..]).unwrap(), Some((Ev::Ack, 4))));
         assert!(parse_resp(&r[..10]).unwrap().is_none());
         let n = b"MSG a 1 3\r\nabc\r\nPING\r\n";
         let (ev, used) = parse_nats(n).unwrap().unwrap();
         assert!(matches!(ev, Ev::Msg(b"abc")));
-        assert!(matches!(
-            parse_nats(&n[used..]).unwrap(),
-            Some((Ev::Ping, 6))
-        ));
+        assert!(matches!(parse_nats(&n[used..]).unwrap(), Some((Ev::Ping, 6))));
         let mut m = Vec::new();
         publish(Server::Mqtt, &mut m, "t", b"hello");
         let (ev, used) = parse_mqtt(&m).unwrap().unwrap();
         assert!(matches!(ev, Ev::Msg(b"hello")));
         assert_eq!(used, m.len());
         let l = b"MSG ev 17 some text here\r\n";
-        assert!(matches!(
-            parse_notifd(l),
-            Some((Ev::Msg(b"some text here"), 26))
-        ));
+        assert!(matches!(parse_notifd(l), Some((Ev::Msg(b"some text here"), 26))));
     }
 }

@@ -161,13 +161,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
     if host.is_empty() {
         return Err("empty host".into());
     }
-    Ok(Some(Options {
-        host,
-        port,
-        token,
-        command,
-        args,
-    }))
+    Ok(Some(Options { host, port, token, command, args }))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -240,24 +234,17 @@ struct Connection {
 impl Connection {
     fn open(opts: &Options) -> Result<Connection, Failure> {
         let stream = connect(&opts.host, opts.port)?;
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let peer = stream.peer_addr().map_err(|e| Failure::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
-        let mut conn = Connection {
-            reader: BufReader::new(stream),
-            peer,
-        };
+        let mut conn = Connection { reader: BufReader::new(stream), peer };
         let greeting = conn.line()?;
         if is_err(&greeting) {
             // -ERR BUSY: the server is full or shutting down.
             return Err(Failure::Server(greeting));
         }
         if !greeting.starts_with("HELLO notifd ") {
-            return Err(Failure::Connect(format!(
-                "{peer}: not a notifd server (greeting {greeting:?})"
-            )));
+            return Err(Failure::Connect(format!("{peer}: not a notifd server (greeting {greeting:?})")));
         }
         if let Some(token) = &opts.token {
             conn.send(&format!("AUTH {token}"))?;
@@ -271,10 +258,7 @@ impl Connection {
         buf.extend_from_slice(line.as_bytes());
         buf.extend_from_slice(b"\r\n");
         let peer = self.peer;
-        self.reader
-            .get_mut()
-            .write_all(&buf)
-            .map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))
+        self.reader.get_mut().write_all(&buf).map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))
     }
 
     /// The next line from the server, without its CRLF.
@@ -283,9 +267,7 @@ impl Connection {
         let peer = self.peer;
         match self.reader.read_until(b'\n', &mut buf) {
             Ok(0) => Err(Failure::Connect(format!("{peer}: connection closed"))),
-            Ok(_) if !buf.ends_with(b"\n") => {
-                Err(Failure::Connect(format!("{peer}: connection closed")))
-            }
+            Ok(_) if !buf.ends_with(b"\n") => Err(Failure::Connect(format!("{peer}: connection closed"))),
             Ok(_) => {
                 buf.pop();
                 if buf.ends_with(b"\r") {
@@ -293,9 +275,7 @@ impl Connection {
                 }
                 Ok(String::from_utf8_lossy(&buf).into_owned())
             }
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
                 Err(Failure::Connect(format!("{peer}: no reply in time")))
             }
             Err(e) => Err(Failure::Connect(format!("{peer}: read: {e}"))),
@@ -321,10 +301,7 @@ impl Connection {
     fn quit(mut self) {
         if self.send("QUIT").is_ok() {
             let _ = self.reader.get_mut().shutdown(std::net::Shutdown::Write);
-            let _ = self
-                .reader
-                .get_mut()
-                .set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = self.reader.get_mut().set_read_timeout(Some(Duration::from_secs(2)));
             while let Ok(line) = self.line() {
                 if line.starts_with("+OK QUIT") {
                     break;
@@ -345,14 +322,9 @@ fn is_err(line: &str) -> bool {
 /// Resolves (host, port) and tries each address in turn, as `ToSocketAddrs` lists
 /// them; so `-H ::1`, `-H 127.0.0.1` and host names all work.
 fn connect(host: &str, port: u16) -> Result<TcpStream, Failure> {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| Failure::Connect(format!("{host}: {e}")))?
-        .collect();
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let addrs: Vec<SocketAddr> =
+        (host, port).to_socket_addrs().map_err(|e| Failure::Connect(format!("{host}: {e}")))?.collect();
     let mut last = format!("{host}: no address");
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
@@ -365,9 +337,7 @@ fn connect(host: &str, port: u16) -> Result<TcpStream, Failure> {
 
 fn print_line(s: &str) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
-    writeln!(out, "{s}")
-        .and_then(|()| out.flush())
-        .map_err(|_| Failure::StdoutClosed)
+    writeln!(out, "{s}").and_then(|()| out.flush()).map_err(|_| Failure::StdoutClosed)
 }
 
 /// `sub`: subscribe, print every notification, and when the connection drops, come back
@@ -392,10 +362,7 @@ fn subscribe_forever(opts: &Options) -> Result<(), Failure> {
         }
         conn = loop {
             let wait = jittered(delay, &mut seed);
-            eprintln!(
-                "notif: connection lost ({why}); reconnecting in {:.1}s",
-                wait.as_secs_f64()
-            );
+            eprintln!("notif: connection lost ({why}); reconnecting in {:.1}s", wait.as_secs_f64());
             thread::sleep(wait);
             delay = (delay * 2).min(RECONNECT_MAX);
             let attempt = Connection::open(opts).and_then(|mut c| {
@@ -430,12 +397,7 @@ fn retryable(line: &str) -> bool {
 
 /// Sends every SUB at once (pipelined) and waits for their replies, printing any
 /// notification that arrives meanwhile (the live subscription starts before the `+OK`).
-fn subscribe(
-    conn: &mut Connection,
-    email: &str,
-    events: &[String],
-    first: bool,
-) -> Result<(), Failure> {
+fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool) -> Result<(), Failure> {
     let mut batch = String::new();
     for ev in events {
         batch.push_str(&format!("SUB {ev} {email}\r\n"));
@@ -490,10 +452,7 @@ fn print_msg(rest: &str) -> Result<(), Failure> {
 }
 
 fn jitter_seed() -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     t ^ (u64::from(std::process::id()) << 32) | 1
 }
 
