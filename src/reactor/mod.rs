@@ -1015,9 +1015,18 @@ impl Reactor {
     /// Completes a reply slot (appending `write`) and sends what is now in order.
     fn fill_slot(&mut self, key: usize, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
         let c = &mut self.conns[key];
+        let front = seq == c.first_seq;
         let Some(slot) = c.slot(seq) else { return };
-        write(&mut slot.data);
-        slot.done = true;
+        if front && slot.data.is_empty() {
+            // The usual case, answers arriving in order: straight to the output, with
+            // no buffer of the slot's own.
+            write(&mut c.out);
+            c.slots.pop_front();
+            c.first_seq += 1;
+        } else {
+            write(&mut slot.data);
+            slot.done = true;
+        }
         c.drain_slots();
         if c.paused && c.slots.len() < self.cfg.max_inflight as usize {
             self.resume.push(key);
