@@ -118,7 +118,7 @@ start_server() {
 			echo "max_clients_per_ip = $((CONNS + 2000))"
 			if [ "$mode" = durable ]; then
 				echo "sync = \"full\""
-				echo "max_subs_per_conn = 100000000"
+				echo "max_subs_per_conn = 1000000"
 			fi
 		} >"$dir/notifd.conf"
 		taskset -c "$SERVER_CPU" "$NOTIFD" -c "$dir/notifd.conf" >"$dir/stderr" 2>&1 &
