@@ -42,6 +42,22 @@ pub enum ToStore {
     Logging(LogSettings),
 }
 
+impl ToStore {
+    /// The request id of a record that gets an answer; `None` for the others.
+    pub fn req_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            ToStore::Subscribe { req, .. }
+            | ToStore::Unsubscribe { req, .. }
+            | ToStore::Publish { req, .. }
+            | ToStore::List { req, .. }
+            | ToStore::ReserveIds { req, .. }
+            | ToStore::TakeMail { req, .. }
+            | ToStore::MailDone { req, .. } => Some(req),
+            ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
+        }
+    }
+}
+
 /// Store → reactor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromStore {

@@ -87,18 +87,29 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit; returns the soft limit in force after it.
-pub fn raise_nofile() -> u64 {
+/// Raises RLIMIT_NOFILE to its hard limit, so `max_clients` can be as large as allowed.
+pub fn raise_nofile() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                hard
-            } else {
-                soft
-            }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
-        Err(_) => 1024,
+    }
+}
+
+/// Lowers `max_clients`, with a warning, to what RLIMIT_NOFILE leaves after the
+/// descriptors notifd needs for itself: the listener, poll, the signal pipe, the log,
+/// the children's pipes, and a margin so that accept never meets EMFILE.
+pub fn fit_max_clients(cfg: &mut crate::config::Config) {
+    let nofile = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => soft,
+        Err(_) => return,
+    };
+    let own = 32 + 2 * u64::from(cfg.mail_workers);
+    if u64::from(cfg.max_clients) + own > nofile {
+        let fit = nofile.saturating_sub(own).max(1) as u32;
+        log::warn!("max_clients {} does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}", cfg.max_clients);
+        cfg.max_clients = fit;
     }
 }
 

@@ -117,18 +117,8 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     if detach {
         daemon::check_pid_file(&cfg.pid_file).map_err(fatal)?;
     }
-    let nofile = listen::raise_nofile();
-    // Descriptors notifd needs besides clients: listener, poll, signal pipe, log, the
-    // children's pipes, and a margin for the accept path.
-    let own = 32 + 2 * u64::from(cfg.mail_workers);
-    if u64::from(cfg.max_clients) + own > nofile {
-        let fit = nofile.saturating_sub(own).max(1) as u32;
-        log::warn!(
-            "max_clients {} does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}",
-            cfg.max_clients
-        );
-        cfg.max_clients = fit;
-    }
+    listen::raise_nofile();
+    listen::fit_max_clients(&mut cfg);
     let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
     // Secrets are read now, while the files may still need root to read.
     let mail = reactor::mail_settings(&cfg).map_err(|e| (2, e))?;

@@ -161,8 +161,8 @@ impl Store {
             }
             Err(e) => {
                 log::warn!("batch of {} requests failed: {e}", batch.len());
-                for r in batch.iter() {
-                    if let Some(req) = request_id(r) {
+                for r in batch.iter_mut() {
+                    if let Some(&mut req) = r.req_mut() {
                         ipc::encode(&FromStore::Failed { req, reason: e.to_string() }, out);
                     }
                 }
@@ -427,19 +427,6 @@ impl Store {
                  COMMIT;"
             ))
             .map_err(ctx("cleanup"))
-    }
-}
-
-fn request_id(r: &ToStore) -> Option<u64> {
-    match r {
-        ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
-        ToStore::Subscribe { req, .. }
-        | ToStore::Unsubscribe { req, .. }
-        | ToStore::Publish { req, .. }
-        | ToStore::List { req, .. }
-        | ToStore::ReserveIds { req, .. }
-        | ToStore::TakeMail { req, .. }
-        | ToStore::MailDone { req, .. } => Some(*req),
     }
 }
 

@@ -1,0 +1,229 @@
+//! Signals: reloading the configuration (SIGHUP) and stopping gracefully (SIGTERM, SIGINT).
+
+use super::conn::State;
+use super::{mail_settings, store_settings, Reactor, Target};
+use crate::config::Config;
+use crate::ipc::{ToMailer, ToStore, Transport};
+use crate::protocol::{self, Code};
+use mio::Events;
+use nix::sys::wait::waitpid;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+/// How long a stopping server gives slow clients to take their last bytes.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
+
+impl Reactor {
+    pub(super) fn drain_signal_pipe(&mut self) {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = self.signal_rx.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn reload(&mut self) {
+        // For logrotate: the file is reopened whether or not the configuration loads.
+        if let Err(e) = crate::logger::reopen() {
+            log::error!("reload: cannot reopen the log: {e}");
+        }
+        let Some(file) = self.cfg.file.clone() else {
+            log::info!("reload: no configuration file; nothing to reread");
+            return;
+        };
+        let new = match Config::load(&file, false) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let mail = match mail_settings(&new) {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let mut new = new;
+        crate::listen::fit_max_clients(&mut new);
+        let old = std::mem::replace(&mut self.cfg, new);
+        let changed = changed_keys(&old, &self.cfg);
+        for key in ["host", "port", "database", "user", "pid_file", "mail_workers"] {
+            if changed.contains(&key) {
+                log::warn!("reload: \"{key}\" changed; it takes effect at the next restart");
+            }
+        }
+        // Keys that only a restart applies keep their running values.
+        self.cfg.host = old.host.clone();
+        self.cfg.port = old.port;
+        self.cfg.database = old.database.clone();
+        self.cfg.user = old.user.clone();
+        self.cfg.pid_file = old.pid_file.clone();
+        self.cfg.mail_workers = old.mail_workers;
+        if (old.mail_transport == Transport::None) != (self.cfg.mail_transport == Transport::None) {
+            log::warn!("reload: turning mail_transport on or off takes effect at the next restart");
+            self.cfg.mail_transport = old.mail_transport;
+        }
+        if self.cfg.publish_token != old.publish_token {
+            // Connections that authenticated with the old token must AUTH again.
+            self.token_gen += 1;
+        }
+        let target = crate::daemon::log_target(&self.cfg);
+        if let Err(e) = crate::logger::configure(&target, self.cfg.log_level) {
+            log::error!("reload: cannot open the log: {e}");
+        }
+        let logging = crate::logger::settings(&target, self.cfg.log_level);
+        self.store_settings = store_settings(&self.cfg);
+        self.children[0].send(&ToStore::Configure(self.store_settings.clone()));
+        self.children[0].send(&ToStore::Logging(logging.clone()));
+        self.mail.settings = mail;
+        for i in 1..self.children.len() {
+            self.children[i].send(&ToMailer::Configure(self.mail.settings.clone()));
+            self.children[i].send(&ToMailer::Logging(logging.clone()));
+        }
+        if changed.is_empty() {
+            log::info!("configuration reloaded: nothing changed");
+        } else {
+            log::info!("configuration reloaded: changed {}", changed.join(", "));
+        }
+    }
+
+    pub(super) fn begin_stop(&mut self) {
+        log::info!("stopping: finishing commands in flight");
+        self.stopping = Some(Instant::now());
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        // Stop reading commands; what was read is finished and answered.
+        for (key, c) in self.conns.iter_mut() {
+            if c.state == State::Open {
+                c.state = State::Stopping;
+                c.inbuf = Vec::new();
+                if !c.dirty {
+                    c.dirty = true;
+                    self.dirty.push(key);
+                }
+            }
+        }
+        // Mailers first: what they did not report is sent again after the restart.
+        for i in 1..self.children.len() {
+            self.children[i].close_input(self.poll.registry());
+        }
+    }
+
+    /// One step of the stop; returns the exit status once done.
+    pub(super) fn stop_step(&mut self, since: Instant) -> Option<i32> {
+        let waiting = self.conns.iter().any(|(_, c)| !c.slots.is_empty());
+        let store_busy =
+            self.pending.values().any(|r| matches!(r.target, Target::MailDone | Target::Reply { .. }));
+        let limit = Duration::from_secs(self.cfg.store_timeout.into()) + Duration::from_millis(500);
+        if (waiting || store_busy) && since.elapsed() < limit && self.children[0].up() {
+            return None;
+        }
+        // Every reply is out (or the wait is over): say goodbye.
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for &key in &keys {
+            let c = &mut self.conns[key];
+            for slot in c.slots.iter_mut().filter(|s| !s.done) {
+                slot.data.clear();
+                protocol::err(
+                    &mut slot.data,
+                    Code::Unavailable,
+                    "the server stopped before the database confirmed",
+                );
+                slot.done = true;
+            }
+            c.drain_slots();
+            if c.state == State::Stopping {
+                protocol::err(&mut c.out, Code::Busy, "shutting down");
+            }
+            let _ = c.flush();
+        }
+        let linger_until = Instant::now() + SHUTDOWN_LINGER;
+        while Instant::now() < linger_until && self.conns.iter().any(|(_, c)| !c.out.is_empty()) {
+            // Bounded: slow clients get SHUTDOWN_LINGER to take their last bytes.
+            let mut events = Events::with_capacity(256);
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(20)));
+            for (_, c) in self.conns.iter_mut() {
+                if !c.out.is_empty() {
+                    let _ = c.flush();
+                }
+            }
+        }
+        for key in keys {
+            let mut c = self.conns.remove(key);
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            let _ = self.poll.registry().deregister(&mut c.sock);
+        }
+        self.children[0].close_input(self.poll.registry());
+        self.wait_children();
+        log::info!("stopped");
+        Some(0)
+    }
+
+    /// Waits (bounded) for every child to exit, then kills what is left.
+    pub(super) fn wait_children(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.reap();
+            let alive: Vec<nix::unistd::Pid> = self.children.iter().filter_map(|c| c.pid).collect();
+            if alive.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for pid in alive {
+                    log::warn!("child {pid} did not exit; killing it");
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The names of the keys whose values differ.
+fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    macro_rules! cmp {
+        ($($k:ident),*) => { $( if a.$k != b.$k { out.push(stringify!($k)); } )* };
+    }
+    cmp!(
+        host,
+        port,
+        max_clients,
+        max_clients_per_ip,
+        max_line,
+        max_pending,
+        max_inflight,
+        max_subs_per_conn,
+        tcp_keepalive,
+        publish_token,
+        database,
+        sync,
+        keep_days,
+        store_timeout,
+        mail_transport,
+        mail_policy,
+        mail_from,
+        smtp_host,
+        smtp_port,
+        smtp_tls,
+        smtp_user,
+        smtp_password_file,
+        smtp_ca_file,
+        sendmail_path,
+        spool_dir,
+        mail_workers,
+        mail_retry_base,
+        mail_max_tries,
+        user,
+        pid_file,
+        log,
+        log_level
+    );
+    out
+}
