@@ -48,6 +48,8 @@ const CHILD_BASE: usize = usize::MAX - 16;
 
 /// Bytes read from one client per loop turn, so that one busy client cannot starve the rest.
 const READ_BUDGET: usize = 256 * 1024;
+/// First capacity of an output buffer that receives a MSG.
+const FANOUT_BUFFER: usize = 4096;
 /// Ids per block reserved by the store; a new block is asked for at half.
 const ID_BLOCK: u64 = 10_000;
 /// Past these, the reactor stops taking commands that need the store.
@@ -689,6 +691,11 @@ impl Reactor {
                 }
                 if offline {
                     live.extend(c.subs.iter().filter(|(e, _)| &**e == event).map(|(_, m)| m.to_string()));
+                }
+                if c.out.is_empty() {
+                    // A turn usually appends many MSGs to the same buffer: start it at a
+                    // size that spares the doublings. It is freed once written.
+                    c.out.reserve(FANOUT_BUFFER);
                 }
                 c.out.extend_from_slice(&self.msgbuf);
                 n += 1;
