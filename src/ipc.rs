@@ -10,6 +10,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::io::{self, Read};
 
 /// Version of the records below; bumped when a variant changes meaning.
 pub const VERSION: u32 = 1;
@@ -279,36 +280,47 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Fra
 }
 
 /// Bytes read from a pipe, from which whole frames are taken; the unread tail is kept.
+///
+/// The buffer is zeroed once when it grows, not at every read: `buf[..end]` holds bytes
+/// read, `buf[start..end]` those not yet taken.
 #[derive(Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl FrameReader {
-    /// Space to read into: the caller reads into the returned slice and calls `filled`.
+    /// At least `min` bytes of space to read into; the caller reads into the returned
+    /// slice and then calls `filled` with the count.
     pub fn spare(&mut self, min: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             self.start = 0;
-        } else if self.start > self.buf.capacity() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
+            self.end = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + min, 0);
-        &mut self.buf[len..]
+        if self.buf.len() - self.end < min {
+            if self.start > 0 {
+                // Move the unread tail to the front before growing.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.buf.len() - self.end < min {
+                self.buf.resize(self.end + min, 0);
+            }
+        }
+        &mut self.buf[self.end..]
     }
 
-    /// After reading `n` bytes into the slice from `spare(min)`.
-    pub fn filled(&mut self, min: usize, n: usize) {
-        let len = self.buf.len();
-        self.buf.truncate(len - min + n);
+    /// After reading `n` bytes into the slice from `spare`.
+    pub fn filled(&mut self, n: usize) {
+        self.end += n;
+        debug_assert!(self.end <= self.buf.len());
     }
 
     /// The next whole frame, if there is one.
     pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        match decode(&self.buf[self.start..])? {
+        match decode(&self.buf[self.start..self.end])? {
             Some((msg, used)) => {
                 self.start += used;
                 Ok(Some(msg))
@@ -319,8 +331,41 @@ impl FrameReader {
 
     /// Bytes held that are not yet a whole frame.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
+
+    /// Reads from the non-blocking `src` until it would block, ends, or `budget` bytes
+    /// came in (so that one busy pipe cannot hold up everything else).
+    pub fn fill_from(&mut self, src: &mut impl Read, budget: usize) -> io::Result<Filled> {
+        const CHUNK: usize = 256 * 1024;
+        let mut total = 0;
+        loop {
+            match src.read(self.spare(CHUNK)) {
+                Ok(0) => return Ok(Filled::Eof),
+                Ok(n) => {
+                    self.filled(n);
+                    total += n;
+                    if total >= budget {
+                        return Ok(Filled::Budget);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// How [`FrameReader::fill_from`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The writer closed the pipe.
+    Eof,
+    /// Everything there was is read.
+    Drained,
+    /// The budget ran out; more may be waiting.
+    Budget,
 }
 
 #[cfg(test)]
@@ -399,7 +444,7 @@ mod tests {
         for chunk in wire.chunks(3) {
             let s = r.spare(3);
             s[..chunk.len()].copy_from_slice(chunk);
-            r.filled(3, chunk.len());
+            r.filled(chunk.len());
             while let Some(m) = r.next_frame::<ToStore>().unwrap() {
                 got.push(m);
             }

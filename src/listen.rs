@@ -108,7 +108,10 @@ pub fn fit_max_clients(cfg: &mut crate::config::Config) {
     let own = 32 + 2 * u64::from(cfg.mail_workers);
     if u64::from(cfg.max_clients) + own > nofile {
         let fit = nofile.saturating_sub(own).max(1) as u32;
-        log::warn!("max_clients {} does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}", cfg.max_clients);
+        log::warn!(
+            "max_clients {} does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}",
+            cfg.max_clients
+        );
         cfg.max_clients = fit;
     }
 }

@@ -35,7 +35,6 @@ pub fn run(input: OwnedFd, output: OwnedFd) -> i32 {
         let n = match input.read(spare) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                reader.filled(CHUNK, 0);
                 continue;
             }
             Err(e) => {
@@ -43,7 +42,7 @@ pub fn run(input: OwnedFd, output: OwnedFd) -> i32 {
                 return 1;
             }
         };
-        reader.filled(CHUNK, n);
+        reader.filled(n);
         loop {
             match reader.next_frame::<ToMailer>() {
                 Ok(Some(ToMailer::Hello { version })) => {

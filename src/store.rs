@@ -8,7 +8,7 @@
 use crate::ipc::{self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, ToStore};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -474,8 +474,9 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
         let timeout = CLEANUP_EVERY.saturating_sub(last_cleanup.elapsed());
         let eof = match wait_readable(&input, timeout) {
             Ok(false) => false,
-            Ok(true) => match read_available(&mut input, &mut reader) {
-                Ok(eof) => eof,
+            // A bound on one batch, so a flood cannot delay every answer indefinitely.
+            Ok(true) => match reader.fill_from(&mut input, 1 << 20) {
+                Ok(filled) => filled == ipc::Filled::Eof,
                 Err(e) => {
                     log::error!("reading from reactor: {e}");
                     return 1;
@@ -539,36 +540,6 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
             Ok(_) => return Ok(true),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Reads what the pipe holds now (the fd is non-blocking). Returns true at EOF.
-fn read_available(input: &mut std::fs::File, reader: &mut ipc::FrameReader) -> io::Result<bool> {
-    const CHUNK: usize = 256 * 1024;
-    loop {
-        let spare = reader.spare(CHUNK);
-        match input.read(spare) {
-            Ok(0) => {
-                reader.filled(CHUNK, 0);
-                return Ok(true);
-            }
-            Ok(n) => {
-                reader.filled(CHUNK, n);
-                // Bound one batch so a flood cannot delay every answer indefinitely.
-                if reader.pending() >= 4 * CHUNK {
-                    return Ok(false);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                reader.filled(CHUNK, 0);
-                return Ok(false);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => reader.filled(CHUNK, 0),
-            Err(e) => {
-                reader.filled(CHUNK, 0);
-                return Err(e);
-            }
         }
     }
 }

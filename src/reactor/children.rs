@@ -2,14 +2,14 @@
 //! frames coming back, and restarts with backoff.
 
 use crate::child::Spawned;
-use crate::ipc::{self, FrameError, FrameReader};
+use crate::ipc::{self, Filled, FrameError, FrameReader};
 use mio::unix::pipe::{Receiver, Sender};
 use mio::{Interest, Registry, Token};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 /// First restart delay; doubles per quick death, up to `MAX_BACKOFF`.
@@ -121,33 +121,13 @@ impl Child {
     /// Reads what the pipe holds (bounded per turn). `Ok(true)`: EOF, the child is gone;
     /// `Ok(false)` with `more`: the budget ran out before WouldBlock.
     pub fn read(&mut self, more: &mut bool) -> io::Result<bool> {
-        const CHUNK: usize = 256 * 1024;
         let Some(rx) = self.rx.as_mut() else { return Ok(true) };
-        let mut total = 0;
-        loop {
-            let spare = self.reader.spare(CHUNK);
-            match rx.read(spare) {
-                Ok(0) => {
-                    self.reader.filled(CHUNK, 0);
-                    return Ok(true);
-                }
-                Ok(n) => {
-                    self.reader.filled(CHUNK, n);
-                    total += n;
-                    if total >= READ_BUDGET {
-                        *more = true;
-                        return Ok(false);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.reader.filled(CHUNK, 0);
-                    return Ok(false);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.reader.filled(CHUNK, 0),
-                Err(e) => {
-                    self.reader.filled(CHUNK, 0);
-                    return Err(e);
-                }
+        match self.reader.fill_from(rx, READ_BUDGET)? {
+            Filled::Eof => Ok(true),
+            Filled::Drained => Ok(false),
+            Filled::Budget => {
+                *more = true;
+                Ok(false)
             }
         }
     }
