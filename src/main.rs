@@ -169,6 +169,7 @@ fn serve(
         daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
     }
     let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
+    r.wait_store(std::time::Duration::from_secs(30)).map_err(fatal)?;
     log::info!("listening on {addr}");
     if detach {
         daemon::write_pid_file(&pid_file).map_err(fatal)?;

@@ -38,7 +38,8 @@ impl Daemon {
             &conf,
             format!(
                 "host = \"{host}\"\nport = {port}\ndatabase = \"{}\"\n\
-                 mail_transport = \"none\"\nlog = \"stderr\"\nstore_timeout = 30\n",
+                 mail_transport = \"none\"\nlog = \"stderr\"\nstore_timeout = 30\n\
+                 max_subs_per_conn = 1000000\n",
                 db.display()
             ),
         )

@@ -254,3 +254,24 @@ fn as_root_all_three_processes_run_as_the_configured_user() {
     util::signal(d.pid(), libc::SIGTERM);
     assert!(d.child.wait().unwrap().success());
 }
+
+#[test]
+fn a_database_that_cannot_be_opened_stops_the_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // A folder where the database file should be: SQLite cannot open it.
+    std::fs::create_dir_all(dir.path().join("db/notifd.db")).unwrap();
+    let conf = util::write_config(dir.path(), "");
+    let out = Command::new(util::bin()).arg("-c").arg(&conf).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store: error: cannot open"), "{err}");
+    assert!(err.contains("notifd: the store exited at start-up"), "{err}");
+
+    // With -d, the foreground process reports it and no daemon stays behind.
+    let pid_file = dir.path().join("notifd.pid");
+    let conf = util::write_config(dir.path(), "pid_file = \"notifd.pid\"\nlog = \"notifd.log\"");
+    let out = Command::new(util::bin()).arg("-d").arg("-c").arg(&conf).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the store exited at start-up"), "{out:?}");
+    assert!(!pid_file.exists());
+}

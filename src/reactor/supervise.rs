@@ -8,6 +8,33 @@ use std::io;
 use std::time::{Duration, Instant};
 
 impl Reactor {
+    /// Start-up only (it blocks): waits until the store has said hello, so that `-d`
+    /// and init scripts report a database that cannot be opened instead of a daemon
+    /// that answers every command with UNAVAILABLE.
+    pub fn wait_store(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut events = mio::Events::with_capacity(64);
+        while !self.children[0].greeted {
+            if !self.children[0].up() {
+                return Err("the store exited at start-up (the log says why)".into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the store did not start within {} s", timeout.as_secs()));
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(left.min(Duration::from_millis(100)))) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("poll: {e}"));
+                }
+            }
+            if events.iter().any(|ev| ev.token() == mio::Token(super::CHILD_BASE)) {
+                self.child_readable(0);
+            }
+            self.flush_children();
+        }
+        Ok(())
+    }
+
     pub(super) fn child_readable(&mut self, i: usize) {
         let mut more = false;
         let eof = match self.children[i].read(&mut more) {
