@@ -13,6 +13,10 @@ pub fn default_path() -> PathBuf {
     Path::new(option_env!("NOTIFD_SYSCONFDIR").unwrap_or("/etc")).join("notifd.conf")
 }
 
+/// The largest `max_line`: a publication must fit, with room to spare, in one record
+/// on the store's pipe ([`crate::ipc::MAX_FRAME`]).
+pub const MAX_LINE_LIMIT: usize = 64 * 1024;
+
 /// `sync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -211,7 +215,7 @@ impl Config {
             "port" => self.port = int(key, v, 0, 65535)? as u16,
             "max_clients" => self.max_clients = int(key, v, 1, 10_000_000)? as u32,
             "max_clients_per_ip" => self.max_clients_per_ip = int(key, v, 1, 10_000_000)? as u32,
-            "max_line" => self.max_line = int(key, v, 64, 1 << 20)? as usize,
+            "max_line" => self.max_line = int(key, v, 64, MAX_LINE_LIMIT as i64)? as usize,
             "max_pending" => self.max_pending = int(key, v, 1024, 1 << 30)? as usize,
             "max_inflight" => self.max_inflight = int(key, v, 1, 65536)? as u32,
             "max_subs_per_conn" => self.max_subs_per_conn = int(key, v, 1, 1_000_000)? as u32,

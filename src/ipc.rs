@@ -15,8 +15,13 @@ use std::io::{self, Read};
 /// Version of the records below; bumped when a variant changes meaning.
 pub const VERSION: u32 = 1;
 
-/// Largest frame body either side accepts. A LIST answer is chunked to stay under it.
+/// Largest frame body either side accepts. A LIST answer is chunked to stay under it,
+/// and batches of emails are cut at [`BATCH_BYTES`].
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// Bytes of variable-length fields (addresses, texts) after which a batch of emails or
+/// addresses is cut, well under [`MAX_FRAME`].
+pub const BATCH_BYTES: usize = MAX_FRAME / 4;
 
 /// Reactor → store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +140,31 @@ pub struct MailJob {
     pub created_at: i64,
     /// Tries made before this one.
     pub tries: u32,
+}
+
+impl MailJob {
+    /// About the bytes it takes in a record.
+    pub fn size(&self) -> usize {
+        self.email.len() + self.event.len() + self.text.len() + 32
+    }
+}
+
+/// Cuts `jobs` into batches of at most [`BATCH_BYTES`] (a single larger job stays alone).
+pub fn batches(jobs: Vec<MailJob>) -> Vec<Vec<MailJob>> {
+    let mut out: Vec<Vec<MailJob>> = Vec::new();
+    let mut size = 0;
+    for job in jobs {
+        let s = job.size();
+        match out.last_mut() {
+            Some(last) if size + s <= BATCH_BYTES => last.push(job),
+            _ => {
+                out.push(vec![job]);
+                size = 0;
+            }
+        }
+        size += s;
+    }
+    out
 }
 
 /// What became of one email.
@@ -414,6 +444,28 @@ mod tests {
             at += used;
         }
         assert_eq!(at, out.len());
+    }
+
+    #[test]
+    fn mail_batches_stay_under_the_frame_maximum() {
+        let job = |n: usize| MailJob {
+            id: n as u64,
+            email: "a@b".into(),
+            event: "e".into(),
+            text: "x".repeat(60_000),
+            created_at: 0,
+            tries: 0,
+        };
+        let jobs: Vec<MailJob> = (0..100).map(job).collect();
+        let cut = batches(jobs.clone());
+        assert!(cut.len() > 1);
+        assert_eq!(cut.concat(), jobs);
+        for b in cut {
+            let mut out = Vec::new();
+            encode(&ToMailer::Send { jobs: b }, &mut out);
+            assert!(out.len() - 4 <= MAX_FRAME);
+        }
+        assert!(batches(Vec::new()).is_empty());
     }
 
     #[test]

@@ -347,8 +347,15 @@ impl Store {
                     })
                 })
                 .map_err(ctx("take mail"))?;
+            // The answer must fit in one frame: stop at BATCH_BYTES; the rest is taken next.
+            let mut size = 0;
             for job in rows {
-                jobs.push(job.map_err(ctx("take mail"))?);
+                let job = job.map_err(ctx("take mail"))?;
+                size += job.size();
+                jobs.push(job);
+                if size >= ipc::BATCH_BYTES {
+                    break;
+                }
             }
             let mut lease = self
                 .db

@@ -539,3 +539,21 @@ fn emails_taken_while_the_mailer_is_down_are_not_stranded() {
         rows.values().find(|r| r.0 != "sent")
     );
 }
+
+/// Emails of long texts to many addresses are more than one pipe record can hold: the
+/// store and the reactor cut them into batches instead of breaking the pipe.
+#[test]
+fn long_texts_to_many_addresses_cross_the_pipes_in_batches() {
+    let d = Daemon::start("mail_transport = \"spool\"\nmax_line = 65536\n");
+    let people = addresses("long", 40);
+    let mut subs = d.client();
+    subscribe(&mut subs, "long", &people);
+    // 40 emails of 60,000 bytes: 2.4 MB of jobs, over the 1 MiB record maximum.
+    let text = "x".repeat(60_000);
+    let id = publish(&mut d.client(), "long", &text);
+    let rows = wait_outbox_final(&d, id, WAIT * 3);
+    assert_eq!(rows.len(), 40);
+    assert!(rows.values().all(|(s, _, _)| s == "sent"), "{rows:?}");
+    assert!(!d.log_has("lost"), "a child was lost:\n{}", d.log_text());
+    assert_eq!(std::fs::read_dir(d.path("spool")).unwrap().count(), 40);
+}

@@ -109,7 +109,7 @@ impl Reactor {
             batches[i].push(job);
         }
         for (i, jobs) in batches.into_iter().enumerate() {
-            if !jobs.is_empty() {
+            for jobs in crate::ipc::batches(jobs) {
                 self.children[i].send(&ToMailer::Send { jobs });
             }
         }

@@ -716,8 +716,20 @@ impl Reactor {
         let mail = match (self.cfg.mail_transport, self.cfg.mail_policy) {
             (Transport::None, _) | (_, MailPolicy::None) => MailPlan::Nobody,
             (_, MailPolicy::All) => MailPlan::All,
-            (_, MailPolicy::Offline) if live.is_empty() => MailPlan::All,
-            (_, MailPolicy::Offline) => MailPlan::AllExcept(live),
+            (_, MailPolicy::Offline) => {
+                live.sort_unstable();
+                live.dedup();
+                if live.is_empty() {
+                    MailPlan::All
+                } else if live.iter().map(|m| m.len() + 2).sum::<usize>() > crate::ipc::BATCH_BYTES {
+                    // The record must fit in one frame. So many live addresses are
+                    // rare; mailing them too is what at-least-once allows.
+                    log::warn!("PUB {event}: too many live addresses to leave out; mailing all");
+                    MailPlan::All
+                } else {
+                    MailPlan::AllExcept(live)
+                }
+            }
         };
         let now = crate::store::unix_now();
         self.store_request(

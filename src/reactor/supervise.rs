@@ -83,7 +83,7 @@ impl Reactor {
             child.send(&ToMailer::Hello { version: ipc::VERSION });
             child.send(&ToMailer::Configure(self.mail.settings.clone()));
             let jobs: Vec<MailJob> = self.mail.held[i - 1].values().map(|(j, _)| j.clone()).collect();
-            if !jobs.is_empty() {
+            for jobs in ipc::batches(jobs) {
                 child.send(&ToMailer::Send { jobs });
             }
         }
