@@ -347,3 +347,47 @@ fn mail_transport_none_queues_nothing() {
     assert_eq!(n, 0);
     assert!(d.mailer_pids().is_empty(), "no mailer without a transport");
 }
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn open_fds(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64
+}
+
+#[test]
+fn out_of_descriptors_on_accept_neither_spins_nor_kills_the_daemon() {
+    let d = Daemon::start("");
+    let pid = d.pid();
+    let mut first = Client::connect(d.addr());
+    first.cmd("PING");
+    first.expect("PONG");
+    // Leave the daemon room for three more descriptors only (max_clients was sized for
+    // the old limit), so accept fails with EMFILE while clients keep coming.
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit reads the daemon's limit into `old`.
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let rl = libc::rlimit { rlim_cur: open_fds(pid) + 3, rlim_max: old.rlim_max };
+    // SAFETY: prlimit on the daemon's pid with a valid new soft limit.
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &rl, std::ptr::null_mut()) }, 0);
+    let waiting: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(d.addr()).unwrap()).collect();
+    d.wait_log(|l| l.contains("out of file descriptors"), WAIT);
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(spent < 30, "the daemon spun for {spent} ticks in one second");
+    // Still serving the connections it has.
+    first.cmd("PING");
+    first.expect("PONG");
+    // Once descriptors are free again, the waiting clients are taken.
+    drop(waiting);
+    // SAFETY: as above, back to the old limit.
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) }, 0);
+    let mut late = Client::connect(d.addr());
+    late.cmd("PING");
+    late.expect("PONG");
+}

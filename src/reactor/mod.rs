@@ -97,6 +97,8 @@ pub struct Reactor {
     listener: Option<TcpListener>,
     /// Accepting paused until then (out of descriptors).
     accept_paused_until: Option<Instant>,
+    /// The last accept failed for lack of descriptors (logged once per episode).
+    out_of_fds: bool,
     signals: Signals,
     signal_rx: mio::net::UnixStream,
     conns: Slab<Conn>,
@@ -196,6 +198,7 @@ impl Reactor {
             poll,
             listener: Some(listener),
             accept_paused_until: None,
+            out_of_fds: false,
             signals,
             signal_rx,
             // Reserved, not touched: the pages of unused entries never count in RSS, and
@@ -335,13 +338,20 @@ impl Reactor {
         loop {
             let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
-                Ok((sock, peer)) => self.admit(sock, peer),
+                Ok((sock, peer)) => {
+                    self.out_of_fds = false;
+                    self.admit(sock, peer)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                     // The pending connection stays in the backlog; try again shortly
                     // rather than spin on a readable listener we cannot serve.
-                    log::warn!("accept: out of file descriptors; pausing accept for 100 ms");
+                    if !self.out_of_fds {
+                        // Once per episode: it repeats every 100 ms while it lasts.
+                        log::warn!("accept: out of file descriptors; retrying every 100 ms");
+                        self.out_of_fds = true;
+                    }
                     self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
                     return;
                 }
