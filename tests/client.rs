@@ -2,126 +2,23 @@
 //! binaries, with a temporary configuration (`port = 0`, the port read from the
 //! `listening on ADDRESS` log line). The daemon's log is dumped when a test fails.
 
+mod util;
+
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use util::Daemon;
 
-const NOTIFD: &str = env!("CARGO_BIN_EXE_notifd");
+/// Every daemon here lets one connection hold many subscriptions (the bench smoke run).
+const CONF: &str = "max_subs_per_conn = 1000000";
 const NOTIF: &str = env!("CARGO_BIN_EXE_notif");
 const BENCH: &str = env!("CARGO_BIN_EXE_notif-bench");
 /// Generous: the machines are shared.
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A notifd in the foreground, stopped with SIGTERM when dropped.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// `host` as in notifd.conf; `port` 0 lets the kernel choose.
-    fn start(host: &str, port: u16) -> Daemon {
-        Daemon::start_in(tempfile::tempdir().unwrap(), host, port)
-    }
-
-    fn start_in(dir: tempfile::TempDir, host: &str, port: u16) -> Daemon {
-        let conf = dir.path().join("notifd.conf");
-        let db = dir.path().join("notifd.db");
-        std::fs::write(
-            &conf,
-            format!(
-                "host = \"{host}\"\nport = {port}\ndatabase = \"{}\"\n\
-                 mail_transport = \"none\"\nlog = \"stderr\"\nstore_timeout = 30\n\
-                 max_subs_per_conn = 1000000\n",
-                db.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(NOTIFD)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start notifd");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = listening_on(&line) {
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(WAIT) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "notifd did not say `listening on` within {WAIT:?}; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
-        Daemon { child, addr, log, dir }
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    /// Stops the daemon and hands back its folder (to restart on the same database).
-    fn stop(mut self) -> tempfile::TempDir {
-        self.terminate();
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
-    }
-
-    fn terminate(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.terminate();
-        if thread::panicking() {
-            eprintln!("--- notifd log ---\n{}", self.log.lock().unwrap().join("\n"));
-        }
-    }
-}
-
-/// The address in a log line `... listening on 127.0.0.1:40123` or `... [::]:40123`.
-fn listening_on(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let word = rest.split_whitespace().next()?;
-    word.trim_end_matches([',', '.', ';', ')']).trim_start_matches('(').parse().ok()
-}
 
 fn notif(port: u16, args: &[&str]) -> Output {
     let mut cmd = Command::new(NOTIF);
@@ -242,47 +139,47 @@ fn is_rfc3339_utc(s: &str) -> bool {
 
 #[test]
 fn ping_prints_pong() {
-    let d = Daemon::start("127.0.0.1", 0);
-    let o = notif(d.port(), &["ping"]);
+    let d = Daemon::start(CONF);
+    let o = notif(d.port, &["ping"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "PONG\n");
-    let o = notif(d.port(), &["ping", "hello", "there"]);
+    let o = notif(d.port, &["ping", "hello", "there"]);
     assert_eq!(code(&o), 0);
     assert_eq!(text(&o.stdout), "PONG hello there\n");
 }
 
 #[test]
 fn pub_prints_growing_ids_and_list_exits_0() {
-    let d = Daemon::start("127.0.0.1", 0);
+    let d = Daemon::start(CONF);
     let mut last = 0u64;
     for _ in 0..3 {
-        let o = notif(d.port(), &["pub", "orders.shipped", "Order", "1042", "shipped"]);
+        let o = notif(d.port, &["pub", "orders.shipped", "Order", "1042", "shipped"]);
         assert_eq!(code(&o), 0, "{}", text(&o.stderr));
         let id: u64 = text(&o.stdout).trim().parse().expect("an id on stdout");
         assert!(id > last, "ids grow: {id} after {last}");
         last = id;
     }
-    let o = notif(d.port(), &["list", "nobody@example.com"]);
+    let o = notif(d.port, &["list", "nobody@example.com"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "");
 }
 
 #[test]
 fn sub_prints_what_another_notif_publishes() {
-    let d = Daemon::start("127.0.0.1", 0);
-    let sub = Subscriber::start(d.port(), "ana@example.com", &["orders.shipped", "orders.paid"]);
-    wait_subscribed(d.port(), "ana@example.com", "orders.shipped ");
-    wait_subscribed(d.port(), "ana@example.com", "orders.paid ");
-    let o = notif(d.port(), &["pub", "orders.shipped", "Order 1042 has  shipped"]);
+    let d = Daemon::start(CONF);
+    let sub = Subscriber::start(d.port, "ana@example.com", &["orders.shipped", "orders.paid"]);
+    wait_subscribed(d.port, "ana@example.com", "orders.shipped ");
+    wait_subscribed(d.port, "ana@example.com", "orders.paid ");
+    let o = notif(d.port, &["pub", "orders.shipped", "Order 1042 has  shipped"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     let id = text(&o.stdout).trim().to_string();
     assert_eq!(sub.next_line(), format!("orders.shipped {id} Order 1042 has  shipped"));
-    let o = notif(d.port(), &["pub", "orders.paid", "paid"]);
+    let o = notif(d.port, &["pub", "orders.paid", "paid"]);
     let id = text(&o.stdout).trim().to_string();
     assert_eq!(sub.next_line(), format!("orders.paid {id} paid"));
 
     // list: `EVENT TIMESTAMP`, ordered by event name.
-    let o = notif(d.port(), &["list", "ana@example.com"]);
+    let o = notif(d.port, &["list", "ana@example.com"]);
     assert_eq!(code(&o), 0);
     let out = text(&o.stdout);
     let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
@@ -297,15 +194,17 @@ fn sub_prints_what_another_notif_publishes() {
 
 #[test]
 fn sub_reconnects_and_subscribes_again() {
-    let d = Daemon::start("127.0.0.1", 0);
-    let port = d.port();
+    let mut d = Daemon::start(CONF);
+    let port = d.port;
     let sub = Subscriber::start(port, "bo@example.com", &["deploys"]);
     wait_subscribed(port, "bo@example.com", "deploys ");
-    let dir = d.stop();
+    assert!(d.stop().success());
     let said = sub.err.recv_timeout(WAIT).expect("a word on stderr");
     assert!(said.contains("reconnect"), "{said}");
     // Same port, same database: the subscriber comes back by itself.
-    let d = Daemon::start_in(dir, "127.0.0.1", port);
+    let conf = std::fs::read_to_string(&d.conf).unwrap().replace("port = 0", &format!("port = {port}"));
+    std::fs::write(&d.conf, conf).unwrap();
+    d.restart();
     let end = Instant::now() + WAIT;
     loop {
         let line = sub.err.recv_timeout(WAIT).expect("more on stderr");
@@ -314,7 +213,7 @@ fn sub_reconnects_and_subscribes_again() {
         }
         assert!(Instant::now() < end, "no reconnection");
     }
-    let o = notif(d.port(), &["pub", "deploys", "v2 is out"]);
+    let o = notif(d.port, &["pub", "deploys", "v2 is out"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     let id = text(&o.stdout).trim().to_string();
     assert_eq!(sub.next_line(), format!("deploys {id} v2 is out"));
@@ -322,14 +221,14 @@ fn sub_reconnects_and_subscribes_again() {
 
 #[test]
 fn server_errors_exit_1_with_the_line_on_stderr() {
-    let d = Daemon::start("127.0.0.1", 0);
-    let o = notif(d.port(), &["pub", "bad*event", "text"]);
+    let d = Daemon::start(CONF);
+    let o = notif(d.port, &["pub", "bad*event", "text"]);
     assert_eq!(code(&o), 1);
     assert!(text(&o.stderr).contains("-ERR EVENT"), "{}", text(&o.stderr));
-    let o = notif(d.port(), &["list", "not-an-address"]);
+    let o = notif(d.port, &["list", "not-an-address"]);
     assert_eq!(code(&o), 1);
     assert!(text(&o.stderr).contains("-ERR EMAIL"), "{}", text(&o.stderr));
-    let o = notif(d.port(), &["sub", "ana@example.com", "bad*event"]);
+    let o = notif(d.port, &["sub", "ana@example.com", "bad*event"]);
     assert_eq!(code(&o), 1);
     assert!(text(&o.stderr).contains("-ERR EVENT"), "{}", text(&o.stderr));
 }
@@ -376,9 +275,9 @@ fn ipv6_literal() {
         eprintln!("no IPv6 loopback here; skipped");
         return;
     }
-    let d = Daemon::start("::", 0);
+    let d = Daemon::start(&format!("host = \"::\"\n{CONF}"));
     let mut cmd = Command::new(NOTIF);
-    cmd.args(["-H", "::1", "-p", &d.port().to_string(), "ping"]);
+    cmd.args(["-H", "::1", "-p", &d.port.to_string(), "ping"]);
     let o = run(cmd);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "PONG\n");
@@ -405,8 +304,8 @@ fn bench(args: &[&str]) -> String {
 /// CI does not run the benchmark; this keeps the generator honest against notifd.
 #[test]
 fn bench_smoke() {
-    let d = Daemon::start("127.0.0.1", 0);
-    let addr = format!("127.0.0.1:{}", d.port());
+    let d = Daemon::start(CONF);
+    let addr = format!("127.0.0.1:{}", d.port);
     let r = bench(&[
         "--server",
         "notifd",
