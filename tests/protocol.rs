@@ -1113,3 +1113,41 @@ fn max_inflight_pauses_reading_without_losing_anything() {
     writer.join().unwrap();
     assert!(c.sync().is_empty());
 }
+
+/// Publications on two events, interleaved in one write: each subscriber gets exactly
+/// its events' MSGs in publication order, also when its share of the turn's MSGs is not
+/// one contiguous run (the reactor then copies instead of writing from the shared
+/// buffer), and also when a reply of its own falls between them.
+#[test]
+fn interleaved_events_reach_each_subscriber_in_order() {
+    let d = Daemon::start("");
+    let mut only_a = d.client();
+    only_a.cmd("SUB a x@example.com");
+    only_a.expect("+OK SUB a");
+    let mut both = d.client();
+    both.send("SUB a y@example.com\r\nSUB b y@example.com\r\n");
+    both.expect("+OK SUB a");
+    both.expect("+OK SUB b");
+    let mut p = d.client();
+    let mut batch = String::new();
+    for i in 0..30 {
+        batch.push_str(&format!("PUB {} m{i}\r\n", if i % 3 == 1 { "b" } else { "a" }));
+    }
+    p.send(&batch);
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(parse_ok_pub(&p.line()).0);
+    }
+    // `both` also sends a command between the publications' MSGs.
+    both.cmd("PING mid");
+    let want = |pick: &dyn Fn(usize) -> bool| -> Vec<String> {
+        (0..30)
+            .filter(|&i| pick(i))
+            .map(|i| format!("MSG {} {} m{i}", if i % 3 == 1 { "b" } else { "a" }, ids[i]))
+            .collect()
+    };
+    let got_a = only_a.sync();
+    assert_eq!(got_a, want(&|i| i % 3 != 1));
+    let got_both: Vec<String> = both.sync().into_iter().filter(|l| l.starts_with("MSG ")).collect();
+    assert_eq!(got_both, want(&|_| true));
+}

@@ -45,6 +45,10 @@ pub struct Conn {
     pub discarding: bool,
     /// Bytes to send; written once per loop turn.
     pub out: Vec<u8>,
+    /// `MSG` bytes of this turn to send before anything in `out`, as a range of the
+    /// reactor's fan-out buffer, where each publication is formatted once for all its
+    /// subscribers. Only in use while `out` is empty; empty again after every turn.
+    pub shared: (u32, u32),
     /// Replies not yet moved to `out`, oldest first; `first_seq` numbers the front one.
     pub slots: VecDeque<Slot>,
     pub first_seq: u64,
@@ -79,6 +83,7 @@ impl Conn {
             inbuf: Vec::new(),
             discarding: false,
             out: Vec::new(),
+            shared: (0, 0),
             slots: VecDeque::new(),
             first_seq: 0,
             subs: Subs::default(),
@@ -97,8 +102,23 @@ impl Conn {
         self.first_seq + self.slots.len() as u64 - 1
     }
 
+    /// Moves this turn's shared `MSG` bytes into `out`, before anything else goes there.
+    pub fn unshare(&mut self, fan: &[u8]) {
+        let (a, b) = (self.shared.0 as usize, self.shared.1 as usize);
+        if a < b {
+            self.out.extend_from_slice(&fan[a..b]);
+            self.shared = (0, 0);
+        }
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn unsent(&self) -> usize {
+        self.out.len() + (self.shared.1 - self.shared.0) as usize
+    }
+
     /// A reply that is ready now: straight to the output when nothing waits before it.
-    pub fn reply(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+    pub fn reply(&mut self, fan: &[u8], write: impl FnOnce(&mut Vec<u8>)) {
+        self.unshare(fan);
         if self.slots.is_empty() {
             write(&mut self.out);
         } else {
@@ -132,17 +152,17 @@ impl Conn {
     }
 
     /// Writes as much of `out` as the socket takes. `Err` means the connection is dead.
-    pub fn flush(&mut self) -> io::Result<()> {
-        let mut written = 0;
-        while written < self.out.len() {
-            match self.sock.write(&self.out[written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    pub fn flush(&mut self, fan: &[u8]) -> io::Result<()> {
+        let (a, b) = (self.shared.0 as usize, self.shared.1 as usize);
+        if a < b {
+            // Straight from the fan-out buffer; only what the socket does not take now
+            // is copied, since the buffer is reused next turn.
+            self.shared = (0, 0);
+            let sent = write_some(&mut self.sock, &fan[a..b])?;
+            self.out.extend_from_slice(&fan[a + sent..b]);
+            return Ok(());
         }
+        let written = write_some(&mut self.sock, &self.out)?;
         if written == self.out.len() {
             // Give the memory back: most connections are idle most of the time.
             self.out = Vec::new();
@@ -156,4 +176,19 @@ impl Conn {
     pub fn finished(&self) -> bool {
         self.state == State::Draining && self.slots.is_empty() && self.out.is_empty()
     }
+}
+
+/// Writes what the socket takes of `buf` now; returns how much.
+fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < buf.len() {
+        match sock.write(&buf[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }

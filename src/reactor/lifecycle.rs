@@ -139,7 +139,7 @@ impl Reactor {
             if c.state == State::Stopping {
                 protocol::err(&mut c.out, Code::Busy, "shutting down");
             }
-            let _ = c.flush();
+            let _ = c.flush(&[]);
         }
         let linger_until = Instant::now() + SHUTDOWN_LINGER;
         while Instant::now() < linger_until && self.conns.iter().any(|(_, c)| !c.out.is_empty()) {
@@ -148,7 +148,7 @@ impl Reactor {
             let _ = self.poll.poll(&mut events, Some(Duration::from_millis(20)));
             for (_, c) in self.conns.iter_mut() {
                 if !c.out.is_empty() {
-                    let _ = c.flush();
+                    let _ = c.flush(&[]);
                 }
             }
         }

@@ -48,6 +48,8 @@ const CHILD_BASE: usize = usize::MAX - 16;
 
 /// Bytes read from one client per loop turn, so that one busy client cannot starve the rest.
 const READ_BUDGET: usize = 256 * 1024;
+/// The fan-out buffer keeps at most this capacity from one turn to the next.
+const FAN_KEEP: usize = 4 << 20;
 /// First capacity of an output buffer that receives a MSG.
 const FANOUT_BUFFER: usize = 4096;
 /// Ids per block reserved by the store; a new block is asked for at half.
@@ -127,7 +129,8 @@ pub struct Reactor {
     mail: MailRouter,
     /// Requests to send again after a database error, and when.
     deferred: Vec<(Instant, ToStore, Target)>,
-    msgbuf: Vec<u8>,
+    /// This turn's MSG lines, each formatted once; emptied after the turn's writes.
+    fan: Vec<u8>,
     scratch: Vec<u8>,
     stopping: Option<Instant>,
     store_settings: StoreSettings,
@@ -228,7 +231,7 @@ impl Reactor {
                 next_due: None,
             },
             deferred: Vec::new(),
-            msgbuf: Vec::with_capacity(8192),
+            fan: Vec::with_capacity(64 * 1024),
             scratch: vec![0; 64 * 1024],
             stopping: None,
             store_settings,
@@ -551,7 +554,7 @@ impl Reactor {
                 None => {}
                 Some(Framed::TooLong) => {
                     let text = format!("line longer than {max_line} bytes");
-                    c.reply(|out| protocol::err(out, Code::TooLong, &text));
+                    c.reply(&self.fan, |out| protocol::err(out, Code::TooLong, &text));
                     self.mark_dirty(key);
                 }
                 Some(Framed::Line(line)) => self.command(key, line),
@@ -612,12 +615,12 @@ impl Reactor {
             Command::Auth { token } => self.auth(key, token),
             Command::List { email } => self.list(key, &email),
             Command::Ping { text } => {
-                self.conns[key].reply(|out| protocol::pong(out, text));
+                self.conns[key].reply(&self.fan, |out| protocol::pong(out, text));
                 self.mark_dirty(key);
             }
             Command::Quit => {
                 let c = &mut self.conns[key];
-                c.reply(|out| protocol::ok(out, "QUIT", ""));
+                c.reply(&self.fan, |out| protocol::ok(out, "QUIT", ""));
                 c.state = State::Draining;
                 c.inbuf = Vec::new();
                 self.mark_dirty(key);
@@ -626,7 +629,7 @@ impl Reactor {
     }
 
     fn reply_err(&mut self, key: usize, code: Code, text: &str) {
-        self.conns[key].reply(|out| protocol::err(out, code, text));
+        self.conns[key].reply(&self.fan, |out| protocol::err(out, code, text));
         self.mark_dirty(key);
     }
 
@@ -687,8 +690,12 @@ impl Reactor {
             return self.reply_err(key, Code::Auth, self.auth_text());
         }
         let id = self.take_id();
-        self.msgbuf.clear();
-        protocol::msg(&mut self.msgbuf, event, id, text);
+        // Formatted once into the turn's fan-out buffer; a subscriber with nothing else
+        // to send this turn is written straight from there (see Conn::shared).
+        let a = self.fan.len();
+        protocol::msg(&mut self.fan, event, id, text);
+        let b = self.fan.len();
+        let shareable = b <= u32::MAX as usize;
         let offline =
             self.cfg.mail_policy == MailPolicy::Offline && self.cfg.mail_transport != Transport::None;
         let mut live: Vec<String> = Vec::new();
@@ -702,14 +709,19 @@ impl Reactor {
                 if offline {
                     live.extend(c.subs.iter().filter(|(e, _)| &**e == event).map(|(_, m)| m.to_string()));
                 }
-                if c.out.is_empty() {
-                    // A turn usually appends many MSGs to the same buffer: start it at a
-                    // size that spares the doublings. It is freed once written.
-                    c.out.reserve(FANOUT_BUFFER);
+                let (sa, sb) = c.shared;
+                if shareable && c.out.is_empty() && (sa == sb || sb as usize == a) {
+                    c.shared = (if sa == sb { a as u32 } else { sa }, b as u32);
+                } else {
+                    c.unshare(&self.fan);
+                    if c.out.is_empty() {
+                        // Many MSGs usually follow in the same turn: spare the doublings.
+                        c.out.reserve(FANOUT_BUFFER);
+                    }
+                    c.out.extend_from_slice(&self.fan[a..b]);
                 }
-                c.out.extend_from_slice(&self.msgbuf);
                 n += 1;
-                if c.out.len() > self.cfg.max_pending {
+                if c.unsent() > self.cfg.max_pending {
                     log::warn!(
                         "{}: slow consumer: over {} unsent bytes; disconnecting",
                         c.peer,
@@ -763,16 +775,16 @@ impl Reactor {
         if good {
             c.auth_gen = self.token_gen;
             c.auth_failures = 0;
-            c.reply(|out| protocol::ok(out, "AUTH", ""));
+            c.reply(&self.fan, |out| protocol::ok(out, "AUTH", ""));
         } else {
             c.auth_failures += 1;
             if c.auth_failures >= MAX_AUTH_FAILURES {
                 log::warn!("{}: {MAX_AUTH_FAILURES} failed AUTH attempts; closing", c.peer);
-                c.reply(|out| protocol::err(out, Code::Auth, "too many failed attempts; closing"));
+                c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "too many failed attempts; closing"));
                 c.state = State::Draining;
                 c.inbuf = Vec::new();
             } else {
-                c.reply(|out| protocol::err(out, Code::Auth, "wrong token"));
+                c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "wrong token"));
             }
         }
         self.mark_dirty(key);
@@ -795,7 +807,7 @@ impl Reactor {
             if c.state == State::Closing {
                 continue;
             }
-            if let Err(e) = c.flush() {
+            if let Err(e) = c.flush(&self.fan) {
                 log::debug!("{}: write: {e}", c.peer);
                 c.state = State::Closing;
                 self.closing.push(key);
@@ -812,6 +824,11 @@ impl Reactor {
             }
         }
         self.dirty.clear();
+        // Every connection that shared the buffer was dirty, so it is written or closed.
+        self.fan.clear();
+        if self.fan.capacity() > FAN_KEEP {
+            self.fan = Vec::with_capacity(64 * 1024);
+        }
     }
 
     fn close(&mut self, key: usize) {

@@ -202,6 +202,7 @@ impl Reactor {
     /// Completes a reply slot (appending `write`) and sends what is now in order.
     pub(super) fn fill_slot(&mut self, key: usize, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
         let c = &mut self.conns[key];
+        c.unshare(&self.fan);
         let front = seq == c.first_seq;
         let Some(slot) = c.slot(seq) else { return };
         if front && slot.data.is_empty() {
