@@ -78,9 +78,8 @@ impl Reactor {
         }
         self.mail.wanted = false;
         self.mail.asking = true;
-        let req = self.next_req;
         let now_unix = crate::store::unix_now();
-        self.send_store(ToStore::TakeMail { req, max: room as u32, now: now_unix }, Target::TakeMail);
+        self.send_store(|req| ToStore::TakeMail { req, max: room as u32, now: now_unix }, Target::TakeMail);
     }
 
     pub(super) fn got_mail(&mut self, jobs: Vec<MailJob>, next_due: Option<i64>) {
@@ -141,9 +140,8 @@ impl Reactor {
                 self.children[i].name,
                 poisoned.len()
             );
-            let req = self.next_req;
             let now = crate::store::unix_now();
-            self.send_store(ToStore::MailDone { req, results: poisoned, now }, Target::MailDone);
+            self.send_store(|req| ToStore::MailDone { req, results: poisoned, now }, Target::MailDone);
         }
     }
 
@@ -154,9 +152,8 @@ impl Reactor {
                 for r in &results {
                     self.mail.held[i - 1].remove(&(r.id, Box::from(r.email.as_str())));
                 }
-                let req = self.next_req;
                 let now = crate::store::unix_now();
-                self.send_store(ToStore::MailDone { req, results, now }, Target::MailDone);
+                self.send_store(|req| ToStore::MailDone { req, results, now }, Target::MailDone);
                 self.mail.wanted = true;
                 Ok(())
             }

@@ -14,13 +14,15 @@ impl Reactor {
         let c = &mut self.conns[key];
         let seq = c.push_waiting();
         let target = Target::Reply { key, conn_id: c.id, seq, n, listed: 0 };
-        let req = self.next_req;
-        self.send_store(make(req), target);
+        self.send_store(make, target);
     }
 
-    pub(super) fn send_store(&mut self, record: ToStore, target: Target) {
+    /// Sends the record `make` builds around a new request id, and keeps it until the
+    /// store answers (for replay after a store restart).
+    pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) {
         let req = self.next_req;
         self.next_req += 1;
+        let record = make(req);
         self.children[0].send(&record);
         if matches!(target, Target::Reply { .. }) {
             let deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
@@ -48,8 +50,7 @@ impl Reactor {
     pub(super) fn ask_ids(&mut self) {
         if !self.ids_requested {
             self.ids_requested = true;
-            let req = self.next_req;
-            self.send_store(ToStore::ReserveIds { req, count: ID_BLOCK }, Target::Ids);
+            self.send_store(|req| ToStore::ReserveIds { req, count: ID_BLOCK }, Target::Ids);
         }
     }
 
@@ -139,17 +140,8 @@ impl Reactor {
         let Some(r) = self.pending.remove(&req) else { return };
         log::warn!("store: request failed: {reason}");
         match r.target {
-            Target::Reply { .. } => {
-                if let Some((key, seq)) = self.reply_slot(&r.target) {
-                    self.fill_slot(key, seq, |out| {
-                        protocol::err(
-                            out,
-                            Code::Unavailable,
-                            "the database reported an error; it may or may not have taken effect",
-                        )
-                    });
-                }
-            }
+            Target::Reply { .. } => self
+                .fail_reply(&r.target, "the database reported an error; it may or may not have taken effect"),
             Target::Orphan => {}
             // Not a client's: try again in a second.
             target => self.deferred.push((Instant::now() + Duration::from_secs(1), r.record, target)),
@@ -161,11 +153,14 @@ impl Reactor {
             let all = std::mem::take(&mut self.deferred);
             for (at, record, target) in all {
                 if at <= now {
-                    let mut record = record;
-                    if let Some(req) = record.req_mut() {
-                        *req = self.next_req;
-                    }
-                    self.send_store(record, target);
+                    let renumber = |req| {
+                        let mut record = record;
+                        if let Some(r) = record.req_mut() {
+                            *r = req;
+                        }
+                        record
+                    };
+                    self.send_store(renumber, target);
                 } else {
                     self.deferred.push((at, record, target));
                 }
@@ -231,15 +226,21 @@ impl Reactor {
             self.deadlines.pop_front();
             let Some(r) = self.pending.get_mut(&req) else { continue };
             let target = std::mem::replace(&mut r.target, Target::Orphan);
-            if let Some((key, seq)) = self.reply_slot(&target) {
-                self.fill_slot(key, seq, |out| {
-                    protocol::err(
-                        out,
-                        Code::Unavailable,
-                        "the database did not confirm in time; it may or may not have taken effect",
-                    )
-                });
+            self.fail_reply(
+                &target,
+                "the database did not confirm in time; it may or may not have taken effect",
+            );
+        }
+    }
+
+    /// Answers a client's request with `-ERR UNAVAILABLE <text>`, dropping any part of
+    /// a LIST reply gathered so far.
+    pub(super) fn fail_reply(&mut self, target: &Target, text: &str) {
+        if let Some((key, seq)) = self.reply_slot(target) {
+            if let Some(slot) = self.conns[key].slot(seq) {
+                slot.data.clear();
             }
+            self.fill_slot(key, seq, |out| protocol::err(out, Code::Unavailable, text));
         }
     }
 }

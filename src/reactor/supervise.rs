@@ -2,7 +2,6 @@
 
 use super::{Reactor, Target};
 use crate::ipc::{self, FromMailer, FromStore, MailJob, ToMailer, ToStore};
-use crate::protocol::{self, Code};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use std::io;
 use std::time::{Duration, Instant};
@@ -99,11 +98,7 @@ impl Reactor {
             if r.deaths >= 2 {
                 let r = self.pending.remove(&req).expect("listed");
                 log::warn!("store: a request was in flight for two store deaths; answering an error");
-                if let Some((key, seq)) = self.reply_slot(&r.target) {
-                    self.fill_slot(key, seq, |out| {
-                        protocol::err(out, Code::Unavailable, "the store failed twice on this command")
-                    });
-                }
+                self.fail_reply(&r.target, "the store failed twice on this command");
                 if matches!(r.target, Target::Ids) {
                     self.ids_requested = false;
                     self.ask_ids();
