@@ -3,7 +3,8 @@
 //! Pure: no I/O but reading the file in [`Config::load`]. Every error names the file and,
 //! where there is one, the line, so an operator can go straight to it.
 
-use crate::ipc::{SmtpTls, Transport};
+use crate::ipc::{MailSettings, StoreSettings};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use toml_edit::{ImDocument, Item, Value};
@@ -336,6 +337,72 @@ fn int(key: &str, v: &Value, min: i64, max: i64) -> Result<i64, String> {
 
 fn one_of(key: &str, got: &str, allowed: &str) -> String {
     format!("\"{key}\" must be {allowed}, not \"{got}\"")
+}
+
+impl Config {
+    /// Store settings from the configuration.
+    pub fn store_settings(&self) -> StoreSettings {
+        StoreSettings {
+            sync_full: self.sync == SyncMode::Full,
+            keep_days: self.keep_days,
+            mail_retry_base: self.mail_retry_base,
+            mail_max_tries: self.mail_max_tries,
+            // Shorter than store_timeout, so a locked database is answered with an error
+            // before the client gives up on us.
+            busy_timeout_ms: (self.store_timeout * 1000 / 2).max(100),
+        }
+    }
+
+    /// Mail settings from the configuration, with the secret files read now.
+    pub fn mail_settings(&self) -> Result<MailSettings, String> {
+        let smtp_password = match &self.smtp_password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("smtp_password_file {}: {e}", p.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            None => String::new(),
+        };
+        let smtp_ca_pem = match &self.smtp_ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| format!("smtp_ca_file {}: {e}", p.display()))?),
+            None => None,
+        };
+        Ok(MailSettings {
+            transport: self.mail_transport,
+            from: self.mail_from.clone(),
+            smtp_host: self.smtp_host.clone(),
+            smtp_port: self.smtp_port,
+            smtp_tls: self.smtp_tls,
+            smtp_user: self.smtp_user.clone(),
+            smtp_password,
+            smtp_ca_pem,
+            sendmail_path: self.sendmail_path.display().to_string(),
+            spool_dir: self.spool_dir.display().to_string(),
+        })
+    }
+}
+
+/// `mail_transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    /// An SMTP relay.
+    Smtp,
+    /// The local sendmail program.
+    Sendmail,
+    /// `.eml` files in a folder.
+    Spool,
+    /// No email at all.
+    None,
+}
+
+/// `smtp_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SmtpTls {
+    /// Plain text.
+    None,
+    /// STARTTLS, required.
+    Starttls,
+    /// TLS from the first byte.
+    Tls,
 }
 
 #[cfg(test)]

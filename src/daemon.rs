@@ -1,8 +1,8 @@
 //! Start-up as a Unix daemon: the configuration check, folders, the pid file, detaching
 //! from the terminal and dropping privileges. Runs before the reactor; may block.
 
+use crate::config::Transport;
 use crate::config::{Config, LogTarget};
-use crate::ipc::Transport;
 use nix::unistd::{chown, ForkResult, Gid, Uid, User};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -38,8 +38,8 @@ pub fn check(cfg: &Config) -> Result<(), String> {
         }
         Transport::Smtp | Transport::None => {}
     }
-    let mail = crate::reactor::mail_settings(cfg)?;
-    crate::mail::Mailer::new(&mail).map_err(|e| e.to_string())?;
+    let mail = cfg.mail_settings()?;
+    crate::transport::Mailer::new(&mail).map_err(|e| e.to_string())?;
     if !cfg.user.is_empty() {
         match User::from_name(&cfg.user) {
             Ok(Some(_)) => {}

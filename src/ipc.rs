@@ -7,6 +7,7 @@
 //! A frame is a 4-byte little-endian length, then that many postcard bytes. The length is
 //! checked against [`MAX_FRAME`] before anything is allocated for it.
 
+pub use crate::config::{SmtpTls, Transport};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -229,30 +230,6 @@ pub struct MailSettings {
     pub spool_dir: String,
 }
 
-/// `mail_transport`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Transport {
-    /// An SMTP relay.
-    Smtp,
-    /// The local sendmail program.
-    Sendmail,
-    /// `.eml` files in a folder.
-    Spool,
-    /// No email at all.
-    None,
-}
-
-/// `smtp_tls`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SmtpTls {
-    /// Plain text.
-    None,
-    /// STARTTLS, required.
-    Starttls,
-    /// TLS from the first byte.
-    Tls,
-}
-
 /// A frame that cannot be decoded: the pipe is broken and its child is restarted.
 #[derive(Debug)]
 pub enum FrameError {
@@ -307,6 +284,14 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Fra
         return Err(FrameError::Trailing(rest.len()));
     }
     Ok(Some((msg, 4 + len)))
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Bytes read from a pipe, from which whole frames are taken; the unread tail is kept.

@@ -1,12 +1,12 @@
 //! The mailer process: the only process that sends mail.
 //!
-//! It takes `Send` records from the reactor, sends them with [`crate::mail::Mailer`] and
+//! It takes `Send` records from the reactor, sends them with [`crate::transport::Mailer`] and
 //! reports one result per email. It keeps no queue of its own: the store's outbox is the
 //! queue, and what this process does not report is handed out again. It may block as long
 //! as a relay makes it; nothing else waits for it. On EOF from the reactor it stops.
 
 use crate::ipc::{self, FromMailer, MailJob, MailOutcome, MailResult, ToMailer};
-use crate::mail::Mailer;
+use crate::transport::Mailer;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
@@ -16,8 +16,8 @@ const REPORT_EVERY: usize = 50;
 
 /// The mailer process's main loop. Returns the exit status.
 pub fn run(input: OwnedFd, output: OwnedFd) -> i32 {
-    crate::child::set_blocking(&input, true);
-    crate::child::set_blocking(&output, true);
+    crate::spawn::set_blocking(&input, true);
+    crate::spawn::set_blocking(&output, true);
     let mut input = std::fs::File::from(input);
     let mut output = std::fs::File::from(output);
     let mut out = Vec::new();

@@ -1,7 +1,7 @@
 //! notifd: command line and start-up. See README.md and notifd(8).
 
+use notifd::config::Transport;
 use notifd::config::{self, Config};
-use notifd::ipc::Transport;
 use notifd::{daemon, listen, logger, reactor};
 use std::path::PathBuf;
 
@@ -121,7 +121,7 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     listen::fit_max_clients(&mut cfg);
     let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
     // Secrets are read now, while the files may still need root to read.
-    let mail = reactor::mail_settings(&cfg).map_err(|e| (2, e))?;
+    let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     let mut dirs = vec![cfg.database.parent().map(PathBuf::from).unwrap_or_default()];
     if cfg.mail_transport == Transport::Spool {
         dirs.push(cfg.spool_dir.clone());

@@ -437,20 +437,12 @@ impl Store {
     }
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// The store process's main loop. Returns the exit status.
 pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: OwnedFd) -> i32 {
     // Non-blocking in, so a batch is "whatever is there"; blocking out, since the store
     // has nothing better to do than wait for the reactor to take its answers.
-    crate::child::set_blocking(&input, false);
-    crate::child::set_blocking(&output, true);
+    crate::spawn::set_blocking(&input, false);
+    crate::spawn::set_blocking(&output, true);
     let db = match open(db_path, &settings) {
         Ok(db) => db,
         Err(e) => {
@@ -470,7 +462,7 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
     if output.write_all(&out).is_err() {
         return 1;
     }
-    let _ = store.cleanup(unix_now());
+    let _ = store.cleanup(ipc::unix_now());
     let mut last_cleanup = Instant::now();
     let mut reader = ipc::FrameReader::default();
     let mut batch = Vec::new();
@@ -529,7 +521,7 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             return 0;
         }
         if last_cleanup.elapsed() >= CLEANUP_EVERY {
-            if let Err(e) = store.cleanup(unix_now()) {
+            if let Err(e) = store.cleanup(ipc::unix_now()) {
                 log::warn!("{e}");
             }
             last_cleanup = Instant::now();

@@ -6,7 +6,7 @@ mod smtp;
 
 use mailparse::{MailHeaderMap, ParsedMail};
 use notifd::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport};
-use notifd::mail::{spool_file_name, Mailer};
+use notifd::transport::{spool_file_name, Mailer};
 use smtp::{Options, SmtpServer};
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,10 @@
 //! Signals: reloading the configuration (SIGHUP) and stopping gracefully (SIGTERM, SIGINT).
 
 use super::conn::State;
-use super::{mail_settings, store_settings, Reactor, Target};
+use super::{Reactor, Target};
 use crate::config::Config;
-use crate::ipc::{ToMailer, ToStore, Transport};
+use crate::config::Transport;
+use crate::ipc::{ToMailer, ToStore};
 use crate::protocol::{self, Code};
 use mio::Events;
 use nix::sys::wait::waitpid;
@@ -39,7 +40,7 @@ impl Reactor {
                 return;
             }
         };
-        let mail = match mail_settings(&new) {
+        let mail = match new.mail_settings() {
             Ok(m) => m,
             Err(e) => {
                 log::error!("reload refused, keeping the running configuration: {e}");
@@ -75,7 +76,7 @@ impl Reactor {
             log::error!("reload: cannot open the log: {e}");
         }
         let logging = crate::logger::settings(&target, self.cfg.log_level);
-        self.store_settings = store_settings(&self.cfg);
+        self.store_settings = self.cfg.store_settings();
         self.children[0].send(&ToStore::Configure(self.store_settings.clone()));
         self.children[0].send(&ToStore::Logging(logging.clone()));
         self.mail.settings = mail;

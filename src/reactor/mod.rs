@@ -7,25 +7,25 @@
 //! sleep while serving: anything slow lives in a child.
 //!
 //! Files: `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
-//! to the store and their answers), `mail` (routing emails between the store's outbox
-//! and the mailers), `children` + `supervise` (the child processes), `lifecycle`
+//! to the store and their answers), `mail_router` (routing emails between the store's outbox
+//! and the mailers), `child_link` + `supervise` (the child processes), `lifecycle`
 //! (reload and graceful stop).
 
-mod children;
+mod child_link;
 mod conn;
 mod lifecycle;
-mod mail;
+mod mail_router;
 mod store_link;
 mod subs;
 mod supervise;
 
-pub use mail::mail_settings;
-use mail::MailRouter;
+use mail_router::MailRouter;
 
+use crate::config::Transport;
 use crate::config::{Config, MailPolicy};
-use crate::ipc::{MailPlan, MailSettings, StoreSettings, ToStore, Transport};
+use crate::ipc::{MailPlan, MailSettings, StoreSettings, ToStore};
 use crate::protocol::{self, Code, Command, Framed};
-use children::Child;
+use child_link::Child;
 use conn::{Conn, State};
 use indexmap::IndexSet;
 use mio::net::{TcpListener, TcpStream};
@@ -153,19 +153,6 @@ fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
-/// Store settings from the configuration.
-pub fn store_settings(cfg: &Config) -> StoreSettings {
-    StoreSettings {
-        sync_full: cfg.sync == crate::config::SyncMode::Full,
-        keep_days: cfg.keep_days,
-        mail_retry_base: cfg.mail_retry_base,
-        mail_max_tries: cfg.mail_max_tries,
-        // Shorter than store_timeout, so a locked database is answered with an error
-        // before the client gives up on us.
-        busy_timeout_ms: (cfg.store_timeout * 1000 / 2).max(100),
-    }
-}
-
 impl Reactor {
     /// Builds the reactor around a bound listener; forks the children.
     pub fn new(cfg: Config, listener: std::net::TcpListener, mail: MailSettings) -> io::Result<Reactor> {
@@ -196,7 +183,7 @@ impl Reactor {
                 Token(CHILD_BASE - 2 * i - 1),
             ));
         }
-        let store_settings = store_settings(&cfg);
+        let store_settings = cfg.store_settings();
         let mut r = Reactor {
             poll,
             listener: Some(listener),
@@ -648,7 +635,7 @@ impl Reactor {
             c.subs.insert(Rc::clone(&ev), email.into());
             self.index.entry(ev).or_default().insert(key);
         }
-        let now = crate::store::unix_now();
+        let now = crate::ipc::unix_now();
         self.store_request(
             key,
             |req| ToStore::Subscribe { req, email: email.into(), event: event.into(), now },
@@ -753,7 +740,7 @@ impl Reactor {
                 }
             }
         };
-        let now = crate::store::unix_now();
+        let now = crate::ipc::unix_now();
         self.store_request(
             key,
             |req| ToStore::Publish { req, id, event: event.into(), text: text.into(), now, mail },

@@ -65,11 +65,11 @@ impl Reactor {
         let spawned = if i == 0 {
             let db = self.cfg.database.clone();
             let settings = self.store_settings.clone();
-            crate::child::spawn("notifd-store", "store", move |input, output| {
+            crate::spawn::spawn("notifd-store", "store", move |input, output| {
                 crate::store::run(&db, settings, input, output)
             })?
         } else {
-            crate::child::spawn("notifd-mailer", "mailer", crate::mailer::run)?
+            crate::spawn::spawn("notifd-mailer", "mailer", crate::mailer::run)?
         };
         let pid = spawned.pid;
         self.children[i].attach(spawned, self.poll.registry())?;

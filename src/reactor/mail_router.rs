@@ -3,7 +3,6 @@
 //! in hand, bounded by MAILER_CAPACITY per mailer.
 
 use super::{Reactor, Target};
-use crate::config::Config;
 use crate::ipc::{FromMailer, MailJob, MailOutcome, MailResult, MailSettings, ToMailer, ToStore};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -28,33 +27,6 @@ pub(super) struct MailRouter {
 /// An email's identity: notification id and address.
 pub(super) type MailKey = (u64, Box<str>);
 
-/// Mail settings from the configuration, with the secret files read now.
-pub fn mail_settings(cfg: &Config) -> Result<MailSettings, String> {
-    let smtp_password = match &cfg.smtp_password_file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| format!("smtp_password_file {}: {e}", p.display()))?
-            .trim_end_matches(['\r', '\n'])
-            .to_string(),
-        None => String::new(),
-    };
-    let smtp_ca_pem = match &cfg.smtp_ca_file {
-        Some(p) => Some(std::fs::read(p).map_err(|e| format!("smtp_ca_file {}: {e}", p.display()))?),
-        None => None,
-    };
-    Ok(MailSettings {
-        transport: cfg.mail_transport,
-        from: cfg.mail_from.clone(),
-        smtp_host: cfg.smtp_host.clone(),
-        smtp_port: cfg.smtp_port,
-        smtp_tls: cfg.smtp_tls,
-        smtp_user: cfg.smtp_user.clone(),
-        smtp_password,
-        smtp_ca_pem,
-        sendmail_path: cfg.sendmail_path.display().to_string(),
-        spool_dir: cfg.spool_dir.display().to_string(),
-    })
-}
-
 impl Reactor {
     pub(super) fn mailer_room(&self) -> usize {
         (1..self.children.len())
@@ -78,7 +50,7 @@ impl Reactor {
         }
         self.mail.wanted = false;
         self.mail.asking = true;
-        let now_unix = crate::store::unix_now();
+        let now_unix = crate::ipc::unix_now();
         self.send_store(|req| ToStore::TakeMail { req, max: room as u32, now: now_unix }, Target::TakeMail);
     }
 
@@ -86,7 +58,7 @@ impl Reactor {
         self.mail.asking = false;
         let full = !jobs.is_empty();
         self.mail.next_due = next_due.map(|due| {
-            let wait = (due - crate::store::unix_now()).clamp(0, 3600) as u64;
+            let wait = (due - crate::ipc::unix_now()).clamp(0, 3600) as u64;
             Instant::now() + Duration::from_secs(wait)
         });
         // Hand each job to the mailer with the most room; skip one a mailer already holds
@@ -140,7 +112,7 @@ impl Reactor {
                 self.children[i].name,
                 poisoned.len()
             );
-            let now = crate::store::unix_now();
+            let now = crate::ipc::unix_now();
             self.send_store(|req| ToStore::MailDone { req, results: poisoned, now }, Target::MailDone);
         }
     }
@@ -152,7 +124,7 @@ impl Reactor {
                 for r in &results {
                     self.mail.held[i - 1].remove(&(r.id, Box::from(r.email.as_str())));
                 }
-                let now = crate::store::unix_now();
+                let now = crate::ipc::unix_now();
                 self.send_store(|req| ToStore::MailDone { req, results, now }, Target::MailDone);
                 self.mail.wanted = true;
                 Ok(())

@@ -1,8 +1,8 @@
 //! The reactor's side of one child process: its pipes, a bounded outgoing buffer, the
 //! frames coming back, and restarts with backoff.
 
-use crate::child::Spawned;
 use crate::ipc::{self, Filled, FrameError, FrameReader};
+use crate::spawn::Spawned;
 use mio::unix::pipe::{Receiver, Sender};
 use mio::{Interest, Registry, Token};
 use nix::sys::signal::{kill, Signal};
