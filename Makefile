@@ -5,7 +5,9 @@
 #   make test               fmt, clippy, cargo test, man page lint
 #   make install            install under $(DESTDIR)$(PREFIX) and $(SYSCONFDIR)
 #   make install-init       install the init script (INIT=sysv|openrc|systemd)
-#   make uninstall          remove what "make install" installed
+#   make uninstall          remove what "make install" installed, and the init
+#                           script of "make install-init" unless it was edited
+#   make uninstall-init     remove the init script (INIT=...), edited or not
 #
 # "make install" never builds when the binaries exist, so "make && sudo make
 # install" does not run cargo as root. NOTIFD_BIN and NOTIF_BIN name other
@@ -40,7 +42,9 @@ SUBST = sed -e 's|/usr/local/sbin/notifd|$(SBINDIR)/notifd|g' \
 
 MAN1 = man/notif.1
 MAN5 = man/notifd.conf.5
+MAN7 = man/notifd-protocol.7
 MAN8 = man/notifd.8
+MANPAGES = $(MAN1) $(MAN5) $(MAN7) $(MAN8)
 
 .PHONY: all build run test lint-man bench clean \
 	install uninstall install-init uninstall-init
@@ -82,9 +86,15 @@ test: lint-man
 # Any mandoc message at level "warning" or above fails the build. Style
 # messages (level "style", below "warning") are not reported at this level;
 # among them is "referenced manual not found", which depends on the manuals
-# installed on the build host rather than on ours.
+# installed on the build host rather than on ours. Without mandoc the lint
+# is skipped with one line, so that "make test" runs on a machine that has
+# only the Rust toolchain and make; CI installs mandoc, so CI always lints.
 lint-man:
-	@out=$$($(MANDOC) -Tlint -W warning man/*.[158] 2>&1); st=$$?; \
+	@if ! command -v $(MANDOC) >/dev/null 2>&1; then \
+		echo "lint-man: skipped, $(MANDOC) not found (to lint the man pages: apt-get install mandoc)"; \
+		exit 0; \
+	fi; \
+	out=$$($(MANDOC) -Tlint -W warning $(MANPAGES) 2>&1); st=$$?; \
 	if [ -n "$$out" ] || [ $$st -ne 0 ]; then \
 		printf '%s\n' "$$out"; echo "lint-man: mandoc reported problems" >&2; exit 1; \
 	fi
@@ -103,7 +113,8 @@ clean:
 install: $(NOTIFD_BIN) $(NOTIF_BIN)
 	@for d in $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) \
 		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 \
-		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DATADIR)/init \
+		$(DESTDIR)$(MANDIR)/man7 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(DATADIR)/init \
 		$(DESTDIR)$(SYSCONFDIR); do \
 		[ -d "$$d" ] || (set -x; $(INSTALL) -d -m 0755 "$$d") || exit 1; \
 	done
@@ -111,6 +122,7 @@ install: $(NOTIFD_BIN) $(NOTIF_BIN)
 	$(INSTALL) -m 0755 $(NOTIF_BIN) $(DESTDIR)$(BINDIR)/notif
 	$(INSTALL) -m 0644 $(MAN1) $(DESTDIR)$(MANDIR)/man1/notif.1
 	$(INSTALL) -m 0644 $(MAN5) $(DESTDIR)$(MANDIR)/man5/notifd.conf.5
+	$(INSTALL) -m 0644 $(MAN7) $(DESTDIR)$(MANDIR)/man7/notifd-protocol.7
 	$(INSTALL) -m 0644 $(MAN8) $(DESTDIR)$(MANDIR)/man8/notifd.8
 	$(INSTALL) -m 0644 notifd.conf.example $(DESTDIR)$(DATADIR)/notifd.conf.example
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
@@ -129,8 +141,28 @@ install: $(NOTIFD_BIN) $(NOTIF_BIN)
 	fi
 
 # The configuration goes only if it is still the shipped example; it is
-# compared before the example itself is removed.
+# compared before the example itself is removed. Likewise the init script
+# that "make install-init" put in place goes only if it is still ours (the
+# source with this PREFIX and SYSCONFDIR substituted), whatever INIT was:
+# left behind, it would start a binary that is gone.
 uninstall:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	for f in notifd.init notifd.openrc notifd.service; do \
+		$(SUBST) init/$$f > "$$tmp/$$f" || exit 1; \
+	done && \
+	for dst in $(DESTDIR)/etc/init.d/notifd $(DESTDIR)/etc/systemd/system/notifd.service; do \
+		[ -e "$$dst" ] || continue; \
+		if ! cmp -s "$$dst" "$$tmp/notifd.init" && ! cmp -s "$$dst" "$$tmp/notifd.openrc" && \
+		    ! cmp -s "$$dst" "$$tmp/notifd.service"; then \
+			echo "keeping $$dst: it differs from what make install-init installs"; \
+			continue; \
+		fi; \
+		(set -x; rm -f "$$dst") || exit 1; \
+		case "$$dst" in \
+		*.service) echo "then: systemctl daemon-reload" ;; \
+		*) echo "then: update-rc.d notifd remove (Debian), chkconfig --del notifd or rc-update del notifd" ;; \
+		esac; \
+	done
 	@if [ -f $(DESTDIR)$(SYSCONFDIR)/notifd.conf ] && \
 	    [ -f $(DESTDIR)$(DATADIR)/notifd.conf.example ] && \
 	    cmp -s $(DESTDIR)$(SYSCONFDIR)/notifd.conf $(DESTDIR)$(DATADIR)/notifd.conf.example; then \
@@ -141,6 +173,7 @@ uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/notifd $(DESTDIR)$(BINDIR)/notif \
 		$(DESTDIR)$(MANDIR)/man1/notif.1 \
 		$(DESTDIR)$(MANDIR)/man5/notifd.conf.5 \
+		$(DESTDIR)$(MANDIR)/man7/notifd-protocol.7 \
 		$(DESTDIR)$(MANDIR)/man8/notifd.8 \
 		$(DESTDIR)$(DATADIR)/notifd.conf.example \
 		$(DESTDIR)$(DATADIR)/init/notifd.init \

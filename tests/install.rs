@@ -26,6 +26,7 @@ const INSTALLED: &[(&str, u32)] = &[
     ("usr/local/bin/notif", 0o755),
     ("usr/local/share/man/man8/notifd.8", 0o644),
     ("usr/local/share/man/man5/notifd.conf.5", 0o644),
+    ("usr/local/share/man/man7/notifd-protocol.7", 0o644),
     ("usr/local/share/man/man1/notif.1", 0o644),
     ("usr/local/share/notifd/notifd.conf.example", 0o644),
     ("usr/local/share/notifd/init/notifd.init", 0o755),
@@ -148,6 +149,7 @@ fn assert_installed(destdir: &Path) {
     assert_same_content(&prefix.join("bin/notif"), &notif_bin());
     assert_same_content(&prefix.join("share/man/man8/notifd.8"), &src.join("man/notifd.8"));
     assert_same_content(&prefix.join("share/man/man5/notifd.conf.5"), &src.join("man/notifd.conf.5"));
+    assert_same_content(&prefix.join("share/man/man7/notifd-protocol.7"), &src.join("man/notifd-protocol.7"));
     assert_same_content(&prefix.join("share/man/man1/notif.1"), &src.join("man/notif.1"));
     assert_same_content(&prefix.join("share/notifd/notifd.conf.example"), &src.join("notifd.conf.example"));
     // With the default PREFIX and SYSCONFDIR, the init scripts' paths stay.
@@ -433,4 +435,41 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     let (code, out) = run("status");
     assert_eq!(code, 1, "status with a stale pid file: {out}");
     fs::remove_file(&pid_file).unwrap();
+}
+
+#[test]
+fn uninstall_removes_the_init_script_unless_it_was_edited() {
+    for (init, path) in [
+        ("sysv", "etc/init.d/notifd"),
+        ("openrc", "etc/init.d/notifd"),
+        ("systemd", "etc/systemd/system/notifd.service"),
+    ] {
+        let dest = tempfile::tempdir().unwrap();
+        make_install(dest.path());
+        make_ok(
+            dest.path(),
+            &["install-init", &format!("INIT={init}"), "PREFIX=/usr/local", "SYSCONFDIR=/etc"],
+        );
+        make_uninstall(dest.path());
+        let left = files_under(dest.path());
+        assert!(left.is_empty(), "INIT={init}: uninstall left files: {left:?}");
+
+        // An edited script is the operator's: it stays, and uninstall says so.
+        make_ok(
+            dest.path(),
+            &["install-init", &format!("INIT={init}"), "PREFIX=/usr/local", "SYSCONFDIR=/etc"],
+        );
+        let script = dest.path().join(path);
+        let mut edited = fs::read_to_string(&script).unwrap();
+        edited.push_str("# edited\n");
+        fs::write(&script, &edited).unwrap();
+        let out = make_ok(dest.path(), &["uninstall", "PREFIX=/usr/local", "SYSCONFDIR=/etc"]);
+        assert_eq!(
+            fs::read_to_string(&script).unwrap(),
+            edited,
+            "INIT={init}: uninstall removed an edited script"
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("keeping"), "INIT={init}: uninstall kept {path} without a word: {said}");
+    }
 }
