@@ -9,7 +9,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use toml_edit::{ImDocument, Item, Value};
 
-/// The default configuration file, under `make install`'s layout (`SYSCONFDIR` at build time).
+/// The configuration file read without `-c`: `/etc/notifd.conf`, or
+/// `$NOTIFD_SYSCONFDIR/notifd.conf` when that variable is set while building.
+/// `make install`'s `SYSCONFDIR` does not change it: the binary is built before, and the
+/// init scripts it installs name their file with `-c`.
 pub fn default_path() -> PathBuf {
     Path::new(option_env!("NOTIFD_SYSCONFDIR").unwrap_or("/etc")).join("notifd.conf")
 }
@@ -54,38 +57,69 @@ pub enum LogTarget {
 pub struct Config {
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
+    /// Address to listen on, given to getaddrinfo with `AI_PASSIVE`; `"::"` takes IPv4 and IPv6.
     pub host: String,
+    /// TCP port; 0 lets the kernel choose (logged as `listening on ADDRESS`).
     pub port: u16,
+    /// Connections held at once; one more is answered `-ERR BUSY` and closed.
     pub max_clients: u32,
+    /// Connections from one address (an IPv6 /64) at once.
     pub max_clients_per_ip: u32,
+    /// Longest client line in bytes, CR and LF included; at most [`MAX_LINE_LIMIT`].
     pub max_line: usize,
+    /// Unsent output bytes of one connection before it is a slow consumer.
     pub max_pending: usize,
+    /// Commands of one connection waiting for their replies before it is no longer read.
     pub max_inflight: u32,
+    /// Distinct (event, email) live subscriptions of one connection.
     pub max_subs_per_conn: u32,
+    /// Idle seconds before TCP keepalive probes; 0: none.
     pub tcp_keepalive: u32,
+    /// The `AUTH` token for `PUB` and `LIST`; empty: only loopback clients may.
     pub publish_token: String,
+    /// The SQLite database file.
     pub database: PathBuf,
+    /// When the store fsyncs.
     pub sync: SyncMode,
+    /// Days that notifications and finished emails are kept; 0: for ever.
     pub keep_days: u32,
+    /// Seconds the reactor waits for the store before `-ERR UNAVAILABLE`.
     pub store_timeout: u32,
+    /// How emails are sent.
     pub mail_transport: Transport,
+    /// Which subscribed addresses get an email for a publication.
     pub mail_policy: MailPolicy,
+    /// The sender address of the emails.
     pub mail_from: String,
+    /// The SMTP relay's host.
     pub smtp_host: String,
+    /// The SMTP relay's port.
     pub smtp_port: u16,
+    /// TLS towards the SMTP relay.
     pub smtp_tls: SmtpTls,
+    /// SMTP AUTH user; empty: no AUTH.
     pub smtp_user: String,
+    /// The file holding the SMTP AUTH password, read at start-up and on SIGHUP.
     pub smtp_password_file: Option<PathBuf>,
+    /// A PEM CA certificate to trust for the relay, besides the system's.
     pub smtp_ca_file: Option<PathBuf>,
+    /// The sendmail program of the `sendmail` transport.
     pub sendmail_path: PathBuf,
+    /// The folder of the `spool` transport's `.eml` files.
     pub spool_dir: PathBuf,
+    /// Mailer processes.
     pub mail_workers: u32,
+    /// Seconds before the second try of a failed email; later delays double.
     pub mail_retry_base: u32,
+    /// Tries of one email before it is given up.
     pub mail_max_tries: u32,
+    /// The user to switch to when started as root; empty: stay as started.
     pub user: String,
+    /// Where `-d` writes the parent's process id.
     pub pid_file: PathBuf,
     /// `None`: stderr in the foreground, syslog with `-d`.
     pub log: Option<LogTarget>,
+    /// The least important messages logged.
     pub log_level: log::LevelFilter,
 }
 
@@ -177,10 +211,15 @@ impl Config {
     /// against `base`.
     pub fn parse(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-        let doc = ImDocument::parse(text).map_err(|e| ConfigError {
-            file: name.into(),
-            line: e.span().map(|s| line_of(s.start)),
-            msg: e.message().trim().replace('\n', " "),
+        let doc = ImDocument::parse(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(s.start));
+            // TOML's own words for `host = 127.0.0.1` ("expected newline") do not say
+            // what is wrong, so the likely mistake is named first.
+            let msg = line
+                .and_then(|n| text.lines().nth(n - 1))
+                .and_then(|l| unquoted_string(l, base))
+                .unwrap_or_else(|| e.message().trim().replace('\n', " "));
+            ConfigError { file: name.into(), line, msg }
         })?;
         let mut cfg = Config::default();
         for (key, item) in doc.as_table().iter() {
@@ -288,7 +327,7 @@ impl Config {
                     other => return Err(one_of(key, other, "error, warn, info, debug or trace")),
                 }
             }
-            _ => return Err(format!("unknown key \"{key}\"")),
+            _ => return Err(unknown_key(key)),
         }
         Ok(())
     }
@@ -317,6 +356,106 @@ impl Config {
             return Err(("smtp_host", "\"smtp_host\" must not be empty".into()));
         }
         Ok(())
+    }
+}
+
+/// Every key [`Config::set`] takes, for the suggestion on an unknown one.
+const KEYS: &[&str] = &[
+    "host",
+    "port",
+    "max_clients",
+    "max_clients_per_ip",
+    "max_line",
+    "max_pending",
+    "max_inflight",
+    "max_subs_per_conn",
+    "tcp_keepalive",
+    "publish_token",
+    "database",
+    "sync",
+    "keep_days",
+    "store_timeout",
+    "mail_transport",
+    "mail_policy",
+    "mail_from",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "smtp_user",
+    "smtp_password_file",
+    "smtp_ca_file",
+    "sendmail_path",
+    "spool_dir",
+    "mail_workers",
+    "mail_retry_base",
+    "mail_max_tries",
+    "user",
+    "pid_file",
+    "log",
+    "log_level",
+];
+
+fn unknown_key(key: &str) -> String {
+    match nearest_key(key) {
+        Some(known) => format!("unknown key \"{key}\" (did you mean \"{known}\"?)"),
+        None => format!("unknown key \"{key}\""),
+    }
+}
+
+/// The known key at most two edits from `key`, the nearest first; none when the
+/// edits would replace all of `key`.
+fn nearest_key(key: &str) -> Option<&'static str> {
+    let len = key.chars().count();
+    KEYS.iter()
+        .map(|known| (edit_distance(key, known), *known))
+        .filter(|&(d, _)| d <= 2 && d < len)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance in characters, where swapping two neighbours also counts one
+/// edit (`max_clinets` is one edit from `max_clients`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // Three rows of the table: two rows back are needed for a swap.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut row = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            row[j] = (prev[j] + 1).min(row[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                row[j] = row[j].min(before[j - 2] + 1);
+            }
+        }
+        before = std::mem::replace(&mut prev, row);
+    }
+    prev[b.len()]
+}
+
+/// For a line TOML refuses, such as `host = 127.0.0.1`: when its key takes a string and
+/// the value would do once quoted, the message that says so.
+fn unquoted_string(line: &str, base: &Path) -> Option<String> {
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    // Unquoted, a `#` would start a comment, as it does after a quoted value.
+    let value = value.split('#').next()?.trim();
+    let bare = |k: &str| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if value.is_empty() || value.starts_with(['"', '\'']) || !bare(key) {
+        return None;
+    }
+    if !KEYS.contains(&key) {
+        return Some(unknown_key(key));
+    }
+    // Rust's quoting is TOML's for what a value may hold; anything else fails to parse.
+    let quoted = format!("{key} = {value:?}");
+    let doc = ImDocument::parse(quoted.as_str()).ok()?;
+    let item = doc.as_table().get(key)?.as_value()?;
+    match Config::default().set(key, item, base) {
+        // Quotes would not help a number (`port = 76OO`).
+        Err(msg) if msg.ends_with(", not string") => None,
+        _ => Some(format!("\"{key}\" takes a string, and strings need double quotes: {quoted}")),
     }
 }
 
@@ -485,7 +624,75 @@ log_level = "debug"
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        assert_eq!(error("port = 1\n\n# x\nprot = 7600\n"), "test.conf line 4: unknown key \"prot\"");
+        assert_eq!(
+            error("port = 1\n\n# x\nprot = 7600\n"),
+            "test.conf line 4: unknown key \"prot\" (did you mean \"port\"?)"
+        );
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_nearest_known_one() {
+        assert_eq!(
+            error("max_clinets = 5"),
+            "test.conf line 1: unknown key \"max_clinets\" (did you mean \"max_clients\"?)"
+        );
+        assert!(error("mail_worker = 2").ends_with("(did you mean \"mail_workers\"?)"));
+        assert!(error("smtp_hots = \"mx\"").ends_with("(did you mean \"smtp_host\"?)"));
+        assert!(error("lg = \"syslog\"").ends_with("(did you mean \"log\"?)"));
+        // Nothing near: no guess.
+        assert_eq!(error("colour = 1"), "test.conf line 1: unknown key \"colour\"");
+        assert_eq!(error("x = 1"), "test.conf line 1: unknown key \"x\"");
+        // An unknown key with an unquoted value is named as unknown, not as TOML's error.
+        assert_eq!(
+            error("hots = localhost"),
+            "test.conf line 1: unknown key \"hots\" (did you mean \"host\"?)"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_a_swap_as_one() {
+        assert_eq!(edit_distance("max_clinets", "max_clients"), 1);
+        assert_eq!(edit_distance("prot", "port"), 1);
+        assert_eq!(edit_distance("", "log"), 3);
+        assert_eq!(edit_distance("log", "log"), 0);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("pört", "port"), 1);
+    }
+
+    #[test]
+    fn keys_are_the_ones_set_takes_and_the_example_names() {
+        for key in KEYS {
+            if let Err(err) = Config::default().set(key, &Value::from(true), Path::new("/")) {
+                assert!(!err.starts_with("unknown key"), "{key}: {err}");
+            }
+        }
+        let example = include_str!("../notifd.conf.example");
+        for line in example.lines() {
+            let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") else { continue };
+            if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                assert!(KEYS.contains(&key), "{key} is in notifd.conf.example but not in KEYS");
+            }
+        }
+    }
+
+    #[test]
+    fn unquoted_strings_are_said_to_need_quotes() {
+        assert_eq!(
+            error("port = 1\nhost = 127.0.0.1\n"),
+            "test.conf line 2: \"host\" takes a string, and strings need double quotes: host = \"127.0.0.1\""
+        );
+        assert_eq!(
+            error("database = /var/lib/notifd/notifd.db # here"),
+            "test.conf line 1: \"database\" takes a string, and strings need double quotes: \
+             database = \"/var/lib/notifd/notifd.db\""
+        );
+        assert!(error("host = ::").ends_with("host = \"::\""));
+        assert!(error("sync = normal").ends_with("sync = \"normal\""));
+        // Quotes would not make a number of it: TOML's own message stays.
+        let e = error("port = 76OO");
+        assert!(e.starts_with("test.conf line 1: ") && !e.contains("quotes"), "{e}");
+        // An empty value is not a string left unquoted.
+        assert!(!error("host = ").contains("quotes"));
     }
 
     #[test]

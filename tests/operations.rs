@@ -181,7 +181,10 @@ fn bad_configuration_names_file_and_line() {
     let conf = dir.path().join("bad.conf");
     let name = conf.display().to_string();
     for (text, want) in [
-        ("port = 0\nprot = 7600\n", format!("notifd: {name} line 2: unknown key \"prot\"")),
+        (
+            "port = 0\nprot = 7600\n",
+            format!("notifd: {name} line 2: unknown key \"prot\" (did you mean \"port\"?)"),
+        ),
         (
             "# comment\n\nport = \"x\"\n",
             format!("notifd: {name} line 3: \"port\" must be an integer, not string"),
