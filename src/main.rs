@@ -3,13 +3,16 @@
 use notifd::config::Transport;
 use notifd::config::{self, Config};
 use notifd::{daemon, listen, logger, reactor};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: notifd [-c file] [-d] [-t] [-v] [-V]";
+const USAGE: &str = "usage: notifd [-c file] [-d] [-h] [-t] [-v] [-V]";
 
+#[derive(Debug, Default)]
 struct Args {
     config: Option<PathBuf>,
     detach: bool,
+    help: bool,
     test: bool,
     verbose: u8,
     version: bool,
@@ -19,45 +22,41 @@ fn main() {
     std::process::exit(try_main());
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args { config: None, detach: false, test: false, verbose: 0, version: false };
-    let mut it = std::env::args_os().skip(1);
-    while let Some(arg) = it.next() {
-        let arg = arg.into_string().map_err(|_| "arguments must be UTF-8".to_string())?;
-        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
-            return Err(format!("unexpected argument \"{arg}\""));
-        };
-        for (i, f) in flags.char_indices() {
-            match f {
-                'c' => {
-                    let rest = &flags[i + 1..];
-                    let file = if rest.is_empty() {
-                        it.next().ok_or("-c needs a file")?.into_string().map_err(|_| "file must be UTF-8")?
-                    } else {
-                        rest.to_string()
-                    };
-                    a.config = Some(file.into());
-                    break;
-                }
-                'd' => a.detach = true,
-                't' => a.test = true,
-                'v' => a.verbose = a.verbose.saturating_add(1),
-                'V' => a.version = true,
-                other => return Err(format!("unknown option -{other}")),
-            }
+/// The command line without the program name; `Err` is a usage error.
+fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
+    use lexopt::Arg::{Long, Short, Value};
+    let mut a = Args::default();
+    let mut parser = lexopt::Parser::from_args(argv);
+    // As getopt(3): `-cFILE` takes FILE whole, even when it starts with `=`.
+    parser.set_short_equals(false);
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('c') => a.config = Some(parser.value().map_err(|_| "-c needs a file")?.into()),
+            Short('d') => a.detach = true,
+            Short('h') | Long("help") => a.help = true,
+            Short('t') => a.test = true,
+            Short('v') => a.verbose = a.verbose.saturating_add(1),
+            Short('V') | Long("version") => a.version = true,
+            Short(other) => return Err(format!("unknown option -{other}")),
+            Long(other) => return Err(format!("unknown option --{other}")),
+            Value(v) => return Err(format!("unexpected argument {:?}", v.to_string_lossy())),
         }
     }
     Ok(a)
 }
 
 fn try_main() -> i32 {
-    let args = match parse_args() {
+    let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("notifd: {e}\n{USAGE}");
             return 2;
         }
     };
+    if args.help {
+        println!("{USAGE}");
+        return 0;
+    }
     if args.version {
         println!("notifd {}", env!("CARGO_PKG_VERSION"));
         return 0;
@@ -180,4 +179,58 @@ fn serve(
         let _ = std::fs::remove_file(&pid_file);
     }
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStringExt;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        parse_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn flags_alone_and_grouped() {
+        let a = parse(&["-d", "-t", "-v", "-v", "-c", "/etc/x.conf"]).unwrap();
+        assert!(a.detach && a.test && !a.help && !a.version);
+        assert_eq!(a.verbose, 2);
+        assert_eq!(a.config, Some(PathBuf::from("/etc/x.conf")));
+        let b = parse(&["-dtvvc/etc/x.conf"]).unwrap();
+        assert!(b.detach && b.test);
+        assert_eq!(b.verbose, 2);
+        assert_eq!(b.config, a.config);
+        assert_eq!(parse(&["-vc", "f"]).unwrap().config, Some(PathBuf::from("f")));
+        // getopt(3): the value is what follows the letter, `=` included.
+        assert_eq!(parse(&["-c=f"]).unwrap().config, Some(PathBuf::from("=f")));
+        assert_eq!(parse(&[]).unwrap().verbose, 0);
+    }
+
+    #[test]
+    fn help_and_version_long_and_short() {
+        assert!(parse(&["-h"]).unwrap().help);
+        assert!(parse(&["--help"]).unwrap().help);
+        assert!(parse(&["-V"]).unwrap().version);
+        assert!(parse(&["--version"]).unwrap().version);
+    }
+
+    #[test]
+    fn usage_errors_not_panics() {
+        assert_eq!(parse(&["-é"]).unwrap_err(), "unknown option -é");
+        assert_eq!(parse(&["-dé"]).unwrap_err(), "unknown option -é");
+        assert_eq!(parse(&["-x"]).unwrap_err(), "unknown option -x");
+        assert_eq!(parse(&["--frobnicate"]).unwrap_err(), "unknown option --frobnicate");
+        assert_eq!(parse(&["-c"]).unwrap_err(), "-c needs a file");
+        assert_eq!(parse(&["run"]).unwrap_err(), "unexpected argument \"run\"");
+        assert_eq!(parse(&["-"]).unwrap_err(), "unexpected argument \"-\"");
+        assert!(parse(&["--help=yes"]).is_err());
+        assert!(parse_args([OsString::from_vec(vec![b'-', 0xff])]).is_err());
+    }
+
+    #[test]
+    fn a_configuration_path_need_not_be_utf8() {
+        let path = OsString::from_vec(b"/tmp/\xffnotifd.conf".to_vec());
+        let a = parse_args([OsString::from("-c"), path.clone()]).unwrap();
+        assert_eq!(a.config, Some(PathBuf::from(path)));
+    }
 }

@@ -1,49 +1,60 @@
-//! notif(1) and notif-bench against the real daemon: black-box, through the built
-//! binaries, with a temporary configuration (`port = 0`, the port read from the
-//! `listening on ADDRESS` log line). The daemon's log is dumped when a test fails.
+//! notif(1) against the real daemon: black-box, through the built binaries, with a
+//! temporary configuration (`port = 0`, the port read from the `listening on ADDRESS`
+//! log line). The daemon's log is dumped when a test fails.
 
 mod util;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use util::Daemon;
 
-/// Every daemon here lets one connection hold many subscriptions (the bench smoke run).
-const CONF: &str = "max_subs_per_conn = 1000000";
 const NOTIF: &str = env!("CARGO_BIN_EXE_notif");
-const BENCH: &str = env!("CARGO_BIN_EXE_notif-bench");
 /// Generous: the machines are shared.
 const WAIT: Duration = Duration::from_secs(30);
+/// A `publish_token` long enough not to draw a warning.
+const TOKEN: &str = "client-test-token-0123456789";
 
-fn notif(port: u16, args: &[&str]) -> Output {
+/// notif with `args`, none of the `NOTIF_*` variables of whoever runs the tests.
+fn notif_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(NOTIF);
-    cmd.arg("-p").arg(port.to_string()).args(args);
+    cmd.env_remove("NOTIF_HOST").env_remove("NOTIF_PORT").env_remove("NOTIF_TOKEN").args(args);
+    cmd
+}
+
+/// notif to a daemon on 127.0.0.1 (the tests' default `host`).
+fn notif(port: u16, args: &[&str]) -> Output {
+    let mut cmd = notif_cmd(&["-H", "127.0.0.1", "-p", &port.to_string()]);
+    cmd.args(args);
     run(cmd)
 }
 
 /// Runs a command to completion, killed after WAIT.
 fn run(mut cmd: Command) -> Output {
-    cmd.env_remove("NOTIF_HOST")
-        .env_remove("NOTIF_PORT")
-        .env_remove("NOTIF_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
+    if let Err(e) = wait_exit(&mut child) {
+        let out = child.wait_with_output().unwrap();
+        panic!("{cmd:?}: {e}: {}", text(&out.stderr));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Waits up to WAIT for `child` to exit; kills it at the timeout.
+fn wait_exit(child: &mut Child) -> Result<ExitStatus, String> {
     let end = Instant::now() + WAIT;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok(status);
         }
         if Instant::now() > end {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("{cmd:?} did not finish: {}", text(&out.stderr));
+            return Err(format!("still running after {WAIT:?}"));
         }
         thread::sleep(Duration::from_millis(10));
     }
@@ -65,14 +76,13 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn start(port: u16, email: &str, events: &[&str]) -> Subscriber {
-        let mut child = Command::new(NOTIF)
-            .env_remove("NOTIF_HOST")
-            .env_remove("NOTIF_PORT")
-            .arg("-H")
-            .arg("127.0.0.1")
-            .arg("-p")
-            .arg(port.to_string())
+    fn start(server: SocketAddr, email: &str, events: &[&str]) -> Subscriber {
+        Subscriber::spawn(server, email, events, true)
+    }
+
+    /// `stdout_open = false`: the read end of its stdout is closed at once.
+    fn spawn(server: SocketAddr, email: &str, events: &[&str], stdout_open: bool) -> Subscriber {
+        let mut child = notif_cmd(&["-H", &server.ip().to_string(), "-p", &server.port().to_string()])
             .arg("sub")
             .arg(email)
             .args(events)
@@ -81,15 +91,26 @@ impl Subscriber {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Subscriber {
-            out: lines(child.stdout.take().unwrap()),
-            err: lines(child.stderr.take().unwrap()),
-            child,
-        }
+        let stdout = child.stdout.take().unwrap();
+        let out = if stdout_open { lines(stdout) } else { mpsc::channel().1 };
+        Subscriber { out, err: lines(child.stderr.take().unwrap()), child }
     }
 
     fn next_line(&self) -> String {
         self.out.recv_timeout(WAIT).expect("a notification line from notif sub")
+    }
+
+    /// Waits for a stderr line containing `word`, skipping others.
+    fn said(&self, word: &str) -> String {
+        let end = Instant::now() + WAIT;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line =
+                self.err.recv_timeout(left).unwrap_or_else(|_| panic!("notif sub never said {word:?}"));
+            if line.contains(word) {
+                return line;
+            }
+        }
     }
 }
 
@@ -137,9 +158,76 @@ fn is_rfc3339_utc(s: &str) -> bool {
         })
 }
 
+/// A port on 127.0.0.1 where connections are refused for as long as the socket lives:
+/// bound but not listening, so no other program can listen there meanwhile (a port
+/// found free and released could be taken by a parallel test).
+fn refusing_port() -> (socket2::Socket, u16) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+    (sock, port)
+}
+
+/// A TCP relay on a port of its own that forwards each connection to the daemon it is
+/// pointed at. A daemon restarted with `port = 0` comes back on a new port; the relay
+/// keeps the one address its clients know, so no test releases a port and hopes to
+/// bind it again. Pointed at nothing, it closes each connection at once.
+struct Relay {
+    addr: SocketAddr,
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let relay = Relay { addr, target: Arc::new(Mutex::new(Some(target))), stop: Arc::default() };
+        let (target, stop) = (Arc::clone(&relay.target), Arc::clone(&relay.stop));
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (Ok(client), Some(to)) = (client, *target.lock().unwrap()) else {
+                    continue;
+                };
+                if let Ok(server) = TcpStream::connect_timeout(&to, WAIT) {
+                    splice(client, server);
+                }
+            }
+        });
+        relay
+    }
+
+    fn point_to(&self, target: Option<SocketAddr>) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accepting thread, which then ends.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Copies both ways; when either side ends, both connections are shut down.
+fn splice(a: TcpStream, b: TcpStream) {
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    for (mut from, mut to) in [(a, b), (b2, a2)] {
+        thread::spawn(move || {
+            let _ = io::copy(&mut from, &mut to);
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        });
+    }
+}
+
 #[test]
 fn ping_prints_pong() {
-    let d = Daemon::start(CONF);
+    let d = Daemon::start("");
     let o = notif(d.port, &["ping"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "PONG\n");
@@ -150,7 +238,7 @@ fn ping_prints_pong() {
 
 #[test]
 fn pub_prints_growing_ids_and_list_exits_0() {
-    let d = Daemon::start(CONF);
+    let d = Daemon::start("");
     let mut last = 0u64;
     for _ in 0..3 {
         let o = notif(d.port, &["pub", "orders.shipped", "Order", "1042", "shipped"]);
@@ -166,8 +254,8 @@ fn pub_prints_growing_ids_and_list_exits_0() {
 
 #[test]
 fn sub_prints_what_another_notif_publishes() {
-    let d = Daemon::start(CONF);
-    let sub = Subscriber::start(d.port, "ana@example.com", &["orders.shipped", "orders.paid"]);
+    let d = Daemon::start("");
+    let sub = Subscriber::start(d.addr(), "ana@example.com", &["orders.shipped", "orders.paid"]);
     wait_subscribed(d.port, "ana@example.com", "orders.shipped ");
     wait_subscribed(d.port, "ana@example.com", "orders.paid ");
     let o = notif(d.port, &["pub", "orders.shipped", "Order 1042 has  shipped"]);
@@ -194,25 +282,19 @@ fn sub_prints_what_another_notif_publishes() {
 
 #[test]
 fn sub_reconnects_and_subscribes_again() {
-    let mut d = Daemon::start(CONF);
-    let port = d.port;
-    let sub = Subscriber::start(port, "bo@example.com", &["deploys"]);
-    wait_subscribed(port, "bo@example.com", "deploys ");
+    let mut d = Daemon::start("");
+    let relay = Relay::start(d.addr());
+    let sub = Subscriber::start(relay.addr, "bo@example.com", &["deploys"]);
+    wait_subscribed(d.port, "bo@example.com", "deploys ");
+    // Until the restarted daemon is up, the relay refuses: whatever takes the old port
+    // meanwhile is not mistaken for it.
+    relay.point_to(None);
     assert!(d.stop().success());
-    let said = sub.err.recv_timeout(WAIT).expect("a word on stderr");
-    assert!(said.contains("reconnect"), "{said}");
-    // Same port, same database: the subscriber comes back by itself.
-    let conf = std::fs::read_to_string(&d.conf).unwrap().replace("port = 0", &format!("port = {port}"));
-    std::fs::write(&d.conf, conf).unwrap();
+    sub.said("reconnect");
+    // Same database, and the same address for the subscriber: it comes back by itself.
     d.restart();
-    let end = Instant::now() + WAIT;
-    loop {
-        let line = sub.err.recv_timeout(WAIT).expect("more on stderr");
-        if line.contains("reconnected") {
-            break;
-        }
-        assert!(Instant::now() < end, "no reconnection");
-    }
+    relay.point_to(Some(d.addr()));
+    sub.said("reconnected");
     let o = notif(d.port, &["pub", "deploys", "v2 is out"]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     let id = text(&o.stdout).trim().to_string();
@@ -220,8 +302,22 @@ fn sub_reconnects_and_subscribes_again() {
 }
 
 #[test]
+fn sub_exits_0_without_a_word_when_its_stdout_closes() {
+    let d = Daemon::start("");
+    let mut sub = Subscriber::spawn(d.addr(), "cy@example.com", &["news"], false);
+    wait_subscribed(d.port, "cy@example.com", "news ");
+    // notif learns that its stdout is closed when it prints the next notification.
+    let o = notif(d.port, &["pub", "news", "nobody reads this"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let status = wait_exit(&mut sub.child).expect("notif sub exits once its stdout is closed");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let said: Vec<String> = sub.err.iter().collect();
+    assert!(said.is_empty(), "{said:?}");
+}
+
+#[test]
 fn server_errors_exit_1_with_the_line_on_stderr() {
-    let d = Daemon::start(CONF);
+    let d = Daemon::start("");
     let o = notif(d.port, &["pub", "bad*event", "text"]);
     assert_eq!(code(&o), 1);
     assert!(text(&o.stderr).contains("-ERR EVENT"), "{}", text(&o.stderr));
@@ -235,13 +331,8 @@ fn server_errors_exit_1_with_the_line_on_stderr() {
 
 #[test]
 fn exit_3_when_nothing_listens() {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut cmd = Command::new(NOTIF);
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string(), "ping"]);
-    let o = run(cmd);
+    let (_held, port) = refusing_port();
+    let o = run(notif_cmd(&["-H", "127.0.0.1", "-p", &port.to_string(), "ping"]));
     assert_eq!(code(&o), 3, "{}", text(&o.stderr));
     assert!(!o.stderr.is_empty());
 }
@@ -258,93 +349,101 @@ fn usage_errors_exit_2() {
         &["-p", "notaport", "ping"],
         &["-p", "70000", "ping"],
         &["-x", "ping"],
+        &["-é", "ping"],
+        &["--host", "127.0.0.1", "ping"],
         &["-H"],
         &["pub", "ev", "two\nlines"],
     ] {
-        let mut cmd = Command::new(NOTIF);
-        cmd.args(args);
-        let o = run(cmd);
+        let o = run(notif_cmd(args));
         assert_eq!(code(&o), 2, "notif {args:?}: {}", text(&o.stderr));
         assert!(text(&o.stderr).contains("usage"), "notif {args:?}");
     }
 }
 
 #[test]
-fn ipv6_literal() {
-    if TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("no IPv6 loopback here; skipped");
+fn help_exits_0_with_the_usage_on_stdout() {
+    for args in [&["-h"][..], &["--help"], &["-p", "1", "-h", "ping"]] {
+        let o = run(notif_cmd(args));
+        assert_eq!(code(&o), 0, "notif {args:?}: {}", text(&o.stderr));
+        assert!(text(&o.stdout).starts_with("usage: notif [-h] "), "notif {args:?}: {}", text(&o.stdout));
+        assert!(o.stderr.is_empty(), "notif {args:?}: {}", text(&o.stderr));
+    }
+}
+
+#[test]
+fn ipv6_literal_with_and_without_brackets() {
+    if !util::have_ipv6_loopback() {
+        eprintln!("SKIPPED: ipv6_literal_with_and_without_brackets: no IPv6 loopback (::1) here");
         return;
     }
-    let d = Daemon::start(&format!("host = \"::\"\n{CONF}"));
-    let mut cmd = Command::new(NOTIF);
-    cmd.args(["-H", "::1", "-p", &d.port.to_string(), "ping"]);
-    let o = run(cmd);
-    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout), "PONG\n");
+    let d = Daemon::start("host = \"::1\"");
+    for host in ["::1", "[::1]"] {
+        let o = run(notif_cmd(&["-H", host, "-p", &d.port.to_string(), "ping", "over", "IPv6"]));
+        assert_eq!(code(&o), 0, "-H {host}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "PONG over IPv6\n", "-H {host}");
+    }
 }
 
-fn result_field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split(' ')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
-
-fn bench(args: &[&str]) -> String {
-    let mut cmd = Command::new(BENCH);
-    cmd.args(args);
-    let o = run(cmd);
-    assert_eq!(code(&o), 0, "notif-bench {args:?}: {}", text(&o.stderr));
-    let out = text(&o.stdout);
-    out.lines()
-        .rfind(|l| l.starts_with("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT line in {out:?}"))
-        .to_string()
-}
-
-/// CI does not run the benchmark; this keeps the generator honest against notifd.
 #[test]
-fn bench_smoke() {
-    let d = Daemon::start(CONF);
-    let addr = format!("127.0.0.1:{}", d.port);
-    let r = bench(&[
-        "--server",
-        "notifd",
-        "--addr",
-        &addr,
-        "--scenario",
-        "fanout",
-        "--subs",
-        "5",
-        "--msgs",
-        "200",
-        "--timeout",
-        "20",
-    ]);
-    assert_eq!(result_field(&r, "delivered"), "1000", "{r}");
-    assert_eq!(result_field(&r, "lost"), "0", "{r}");
-    assert_eq!(result_field(&r, "errors"), "0", "{r}");
-    let r = bench(&[
-        "--server",
-        "notifd",
-        "--addr",
-        &addr,
-        "--scenario",
-        "durable",
-        "--kind",
-        "sub",
-        "--conns",
-        "2",
-        "--inflight",
-        "8",
-        "--duration",
-        "0.3",
-        "--timeout",
-        "20",
-    ]);
-    assert!(result_field(&r, "acked").parse::<u64>().unwrap() > 0, "{r}");
-    assert_eq!(result_field(&r, "errors"), "0", "{r}");
-    let db = d.dir.path().join("baseline.db");
-    let r = bench(&["--scenario", "sqlite", "--db", db.to_str().unwrap(), "--duration", "0.1"]);
-    assert!(r.contains("mode=batch10000"), "{r}");
-    assert!(!Path::new(&db).exists(), "the baseline cleans up after itself");
+fn a_authenticates_with_the_token() {
+    let d = Daemon::start(&format!("publish_token = \"{TOKEN}\""));
+    let mut watcher = d.client();
+    watcher.cmd("SUB alerts w@example.com");
+    watcher.expect("+OK SUB alerts");
+    // Loopback is not enough once the server has a token.
+    let o = notif(d.port, &["pub", "alerts", "no token"]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("-ERR AUTH"), "{}", text(&o.stderr));
+    let o = notif(d.port, &["-a", "not-the-token-at-all", "pub", "alerts", "wrong token"]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("-ERR AUTH"), "{}", text(&o.stderr));
+    let o = notif(d.port, &["-a", TOKEN, "pub", "alerts", "with the token"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let id = text(&o.stdout).trim().to_string();
+    watcher.expect(&format!("MSG alerts {id} with the token"));
+    let o = notif(d.port, &["-a", TOKEN, "list", "w@example.com"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stdout).starts_with("alerts "), "{}", text(&o.stdout));
+}
+
+#[test]
+fn notif_variables_are_the_defaults_of_h_p_and_a() {
+    let d = Daemon::start(&format!("publish_token = \"{TOKEN}\""));
+    let mut watcher = d.client();
+    watcher.cmd("SUB env.test w@example.com");
+    watcher.expect("+OK SUB env.test");
+    let port = d.port.to_string();
+    let (_held, refused) = refusing_port();
+    let refused = refused.to_string();
+    let publish = |env: &[(&str, &str)], opts: &[&str], text: &str| -> Output {
+        let mut cmd = notif_cmd(opts);
+        cmd.args(["pub", "env.test", text]).envs(env.iter().copied());
+        run(cmd)
+    };
+
+    // The three variables alone reach the daemon and authenticate.
+    let env = [("NOTIF_HOST", "127.0.0.1"), ("NOTIF_PORT", port.as_str()), ("NOTIF_TOKEN", TOKEN)];
+    let o = publish(&env, &[], "from the environment");
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    watcher.expect(&format!("MSG env.test {} from the environment", text(&o.stdout).trim()));
+
+    // Options win over the variables (which point nowhere, with a wrong token).
+    let env =
+        [("NOTIF_HOST", "127.0.0.2"), ("NOTIF_PORT", refused.as_str()), ("NOTIF_TOKEN", "wrong-token-wrong")];
+    let o = publish(&env, &["-H", "127.0.0.1", "-p", &port, "-a", TOKEN], "options win");
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    watcher.expect(&format!("MSG env.test {} options win", text(&o.stdout).trim()));
+    // ... and each variable counts on its own.
+    let o = publish(&env, &["-p", &port, "-a", TOKEN], "host from NOTIF_HOST");
+    assert_eq!(code(&o), 3, "127.0.0.2 has no server: {}", text(&o.stderr));
+    let o = publish(&env, &["-H", "127.0.0.1", "-a", TOKEN], "port from NOTIF_PORT");
+    assert_eq!(code(&o), 3, "the refused port: {}", text(&o.stderr));
+    let o = publish(&env, &["-H", "127.0.0.1", "-p", &port], "token from NOTIF_TOKEN");
+    assert_eq!(code(&o), 1, "the wrong token: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("-ERR AUTH"), "{}", text(&o.stderr));
+
+    let o = publish(&[("NOTIF_PORT", "notaport")], &[], "bad port");
+    assert_eq!(code(&o), 2, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("NOTIF_PORT"), "{}", text(&o.stderr));
+    assert_eq!(watcher.sync(), Vec::<String>::new(), "only the two publications that succeeded");
 }

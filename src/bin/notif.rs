@@ -6,6 +6,7 @@
 //! replies in command order, with `MSG` lines possibly in between.
 
 use std::env;
+use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -28,7 +29,7 @@ const EXIT_SERVER_ERR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_CONNECT: u8 = 3;
 
-const USAGE: &str = "usage: notif [-H host] [-p port] [-a token] command [argument ...]
+const USAGE: &str = "usage: notif [-h] [-H host] [-p port] [-a token] command [argument ...]
 commands:
   sub EMAIL EVENT...   subscribe EMAIL to each EVENT and print notifications as they arrive
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
@@ -67,8 +68,7 @@ struct Options {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = env::args().skip(1).collect();
-    let opts = match parse_args(&argv) {
+    let opts = match parse_args(env::args_os().skip(1), |name| env::var(name).ok()) {
         Ok(Some(o)) => o,
         Ok(None) => {
             println!("{USAGE}");
@@ -93,58 +93,59 @@ fn main() -> ExitCode {
     }
 }
 
-/// `Ok(None)` means help was asked for.
-fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
-    let mut host = env::var("NOTIF_HOST").unwrap_or_else(|_| "localhost".into());
-    let mut port = match env::var("NOTIF_PORT") {
-        Ok(p) => parse_port(&p).map_err(|e| format!("NOTIF_PORT: {e}"))?,
-        Err(_) => DEFAULT_PORT,
+/// `Ok(None)` means help was asked for. `argv` is the command line without the program
+/// name; `env` looks up the `NOTIF_*` variables, the defaults the options override.
+/// Options end at the command: what follows it is its arguments, dashes and all.
+fn parse_args(
+    argv: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Options>, String> {
+    use lexopt::Arg::{Long, Short, Value};
+    let mut host = env("NOTIF_HOST").unwrap_or_else(|| "localhost".into());
+    let mut port = match env("NOTIF_PORT") {
+        Some(p) => parse_port(&p).map_err(|e| format!("NOTIF_PORT: {e}"))?,
+        None => DEFAULT_PORT,
     };
-    let mut token = env::var("NOTIF_TOKEN").ok().filter(|t| !t.is_empty());
-    let mut i = 0;
-    while i < argv.len() {
-        let arg = argv[i].as_str();
-        if arg == "--" {
-            i += 1;
-            break;
-        }
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        if !arg.starts_with('-') || arg == "-" {
-            break;
-        }
-        let flag = &arg[..2];
-        if !matches!(flag, "-H" | "-p" | "-a") {
-            return Err(format!("unknown option {arg}"));
-        }
-        let value = if arg.len() > 2 {
-            arg[2..].to_string()
-        } else {
-            i += 1;
-            match argv.get(i) {
-                Some(v) => v.clone(),
-                None => return Err(format!("option {flag} needs a value")),
+    let mut token = env("NOTIF_TOKEN").filter(|t| !t.is_empty());
+    let mut parser = lexopt::Parser::from_args(argv);
+    // As getopt(3): `-aTOKEN` takes TOKEN whole, even when it starts with `=`.
+    parser.set_short_equals(false);
+    let mut words = Vec::new();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Short(flag @ ('H' | 'p' | 'a')) => {
+                let value = parser.value().map_err(|_| format!("option -{flag} needs a value"))?;
+                let value = utf8(value)?;
+                match flag {
+                    'H' => host = value,
+                    'p' => port = parse_port(&value)?,
+                    _ => token = Some(value),
+                }
             }
-        };
-        match flag {
-            "-H" => host = value,
-            "-p" => port = parse_port(&value)?,
-            _ => token = Some(value),
+            Short(other) => return Err(format!("unknown option -{other}")),
+            Long(other) => return Err(format!("unknown option --{other}")),
+            Value(command) => {
+                words.push(utf8(command)?);
+                for w in parser.raw_args().map_err(|e| e.to_string())? {
+                    words.push(utf8(w)?);
+                }
+                break;
+            }
         }
-        i += 1;
     }
-    let Some(command) = argv.get(i) else {
+    let mut words = words.into_iter();
+    let Some(name) = words.next() else {
         return Err("no command given".into());
     };
-    let args = argv[i + 1..].to_vec();
-    let command = command.to_ascii_lowercase();
+    let args: Vec<String> = words.collect();
+    let command = name.to_ascii_lowercase();
     let arity_ok = match command.as_str() {
         "sub" => args.len() >= 2,
         "pub" => args.len() >= 2,
         "list" => args.len() == 1,
         "ping" => true,
-        _ => return Err(format!("unknown command {:?}", argv[i])),
+        _ => return Err(format!("unknown command {name:?}")),
     };
     if !arity_ok {
         return Err(format!("wrong number of arguments for {command}"));
@@ -162,6 +163,10 @@ fn parse_args(argv: &[String]) -> Result<Option<Options>, String> {
         return Err("empty host".into());
     }
     Ok(Some(Options { host, port, token, command, args }))
+}
+
+fn utf8(arg: OsString) -> Result<String, String> {
+    arg.into_string().map_err(|a| format!("{:?}: arguments must be UTF-8", a.to_string_lossy()))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -465,4 +470,98 @@ fn jittered(delay: Duration, seed: &mut u64) -> Duration {
     *seed ^= *seed << 17;
     let f = 0.75 + (*seed % 1000) as f64 / 2000.0;
     delay.mul_f64(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStringExt;
+
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Option<Options>, String> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        parse_args(args.iter().map(OsString::from), |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        parse_env(args, &[]).map(|o| o.expect("not help"))
+    }
+
+    #[test]
+    fn defaults() {
+        let o = parse(&["ping"]).unwrap();
+        assert_eq!((o.host.as_str(), o.port, o.token), ("localhost", DEFAULT_PORT, None));
+        assert_eq!(o.command, "ping");
+        assert!(o.args.is_empty());
+    }
+
+    #[test]
+    fn options_separate_and_attached() {
+        let o = parse(&["-H", "::1", "-p", "7601", "-a", "secret", "list", "a@example.com"]).unwrap();
+        assert_eq!((o.host.as_str(), o.port, o.token.as_deref()), ("::1", 7601, Some("secret")));
+        assert_eq!((o.command.as_str(), o.args.as_slice()), ("list", &["a@example.com".to_string()][..]));
+        let o = parse(&["-H[::1]", "-p7602", "-asecret", "PING"]).unwrap();
+        assert_eq!((o.host.as_str(), o.port, o.token.as_deref()), ("[::1]", 7602, Some("secret")));
+        assert_eq!(o.command, "ping");
+        // A value is taken whole, even when it looks like an option.
+        assert_eq!(parse(&["-H", "-p", "ping"]).unwrap().host, "-p");
+    }
+
+    #[test]
+    fn options_end_at_the_command() {
+        let o = parse(&["pub", "ev", "-x", "--", "-h"]).unwrap();
+        assert_eq!(o.args, ["ev", "-x", "--", "-h"]);
+        let o = parse(&["--", "ping", "-p"]).unwrap();
+        assert_eq!((o.port, o.args.as_slice()), (DEFAULT_PORT, &["-p".to_string()][..]));
+    }
+
+    #[test]
+    fn help() {
+        assert!(parse_env(&["-h"], &[]).unwrap().is_none());
+        assert!(parse_env(&["--help"], &[]).unwrap().is_none());
+        assert!(parse_env(&["-p", "1", "-h", "ping"], &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn environment_gives_defaults_that_options_override() {
+        let env = [("NOTIF_HOST", "h.example"), ("NOTIF_PORT", "7700"), ("NOTIF_TOKEN", "t0ken")];
+        let o = parse_env(&["ping"], &env).unwrap().unwrap();
+        assert_eq!((o.host.as_str(), o.port, o.token.as_deref()), ("h.example", 7700, Some("t0ken")));
+        let o = parse_env(&["-H", "127.0.0.1", "-p", "7601", "-a", "other", "ping"], &env).unwrap().unwrap();
+        assert_eq!((o.host.as_str(), o.port, o.token.as_deref()), ("127.0.0.1", 7601, Some("other")));
+        assert_eq!(parse_env(&["ping"], &[("NOTIF_TOKEN", "")]).unwrap().unwrap().token, None);
+        let e = parse_env(&["ping"], &[("NOTIF_PORT", "x")]).err().unwrap();
+        assert!(e.starts_with("NOTIF_PORT: "), "{e}");
+    }
+
+    #[test]
+    fn usage_errors_not_panics() {
+        for (args, want) in [
+            (&["-é"][..], "unknown option -é"),
+            (&["-é", "ping"], "unknown option -é"),
+            (&["-x", "ping"], "unknown option -x"),
+            (&["--port", "1", "ping"], "unknown option --port"),
+            (&["-H"], "option -H needs a value"),
+            (&["-p", "0", "ping"], "bad port \"0\""),
+            (&["-p", "65536", "ping"], "bad port \"65536\""),
+            (&[], "no command given"),
+            (&["-p", "1"], "no command given"),
+            (&["Frob"], "unknown command \"Frob\""),
+            (&["-"], "unknown command \"-\""),
+            (&["list"], "wrong number of arguments for list"),
+            (&["pub", "ev", "a\r\nPUB x y"], "arguments must not contain line breaks"),
+            (&["-a", "two words", "ping"], "the token must be one word"),
+            (&["-H", "", "ping"], "empty host"),
+        ] {
+            assert_eq!(parse(args).err().as_deref(), Some(want), "{args:?}");
+        }
+        let bad = OsString::from_vec(b"\xff".to_vec());
+        for args in
+            [vec![OsString::from("ping"), bad.clone()], vec![OsString::from("-H"), bad.clone()], vec![bad]]
+        {
+            let e = parse_args(args, |_| None).err().expect("an error");
+            assert!(e.ends_with("arguments must be UTF-8"), "{e}");
+        }
+    }
 }
