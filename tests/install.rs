@@ -2,9 +2,9 @@
 //! script, run for real into temporary DESTDIRs.
 //!
 //! The install tests need `make` and `install(1)`; the init script test also
-//! needs `start-stop-daemon(8)` (Debian's dpkg package). They install the
-//! binaries cargo built for the tests (`NOTIFD_BIN`, `NOTIF_BIN`), so `make
-//! install` never runs cargo here.
+//! needs `start-stop-daemon(8)` (Debian's dpkg package), and says that it
+//! skipped without it. They install the binaries cargo built for the tests
+//! (`NOTIFD_BIN`, `NOTIF_BIN`), so `make install` never runs cargo here.
 
 mod util;
 
@@ -13,11 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
-use util::{alive, read_pid, PidGuard};
-
-/// How long any step may take before the test gives up.
-const DEADLINE: Duration = Duration::from_secs(10);
+use util::{alive, read_pid, PidGuard, WAIT};
 
 /// What `make install PREFIX=/usr/local SYSCONFDIR=/etc` installs, relative to
 /// DESTDIR, with modes (OPERATIONS.md, "Files under make install").
@@ -332,7 +328,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     let (code, out) = run("status");
     assert_eq!(code, 0, "status while running: {out}\n--- log\n{}", log_text());
 
-    let addr = util::listen_addr_in(&log, DEADLINE);
+    let addr = util::listen_addr_in(&log, WAIT);
     let mut c = util::Client::connect(addr);
     c.cmd("PING");
     c.expect("PONG");
@@ -341,7 +337,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     let reloads = || log_text().matches("configuration reloaded").count();
     let (code, out) = run("reload");
     assert_eq!(code, 0, "reload failed: {out}\n--- log\n{}", log_text());
-    util::wait_until("the log's reload line", DEADLINE, || reloads() == 1);
+    util::wait_until("the log's reload line", WAIT, || reloads() == 1);
     c.cmd("PING after reload");
     c.expect("PONG after reload");
     assert_eq!(read_pid(&pid_file), Some(pid), "the pid changed on reload");
