@@ -308,9 +308,7 @@ impl Daemon {
         )
         .expect("open the database read-only")
     }
-}
 
-impl Daemon {
     /// Says that the daemon is expected to exit on its own before the test ends (a fatal
     /// error the test provokes), so that [`Drop`] does not count its absence as a crash.
     pub fn expect_exit(&mut self) {
