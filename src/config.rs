@@ -611,9 +611,12 @@ log_level = "debug"
         assert_eq!((c.keep_days, c.store_timeout), (0, 30));
         assert_eq!(c.mail_transport, Transport::Smtp);
         assert_eq!(c.mail_policy, MailPolicy::Offline);
+        assert_eq!(c.mail_from, "me@Example.org");
         assert_eq!((c.smtp_host.as_str(), c.smtp_port, c.smtp_tls), ("mx", 2525, SmtpTls::Starttls));
+        assert_eq!(c.smtp_user, "u");
         assert_eq!(c.smtp_password_file.as_deref(), Some(Path::new("/secret")));
         assert_eq!(c.smtp_ca_file.as_deref(), Some(Path::new("/etc/notifd/ca.pem")));
+        assert_eq!(c.sendmail_path, Path::new("/bin/sendmail"));
         assert_eq!(c.spool_dir, Path::new("/etc/notifd/spool"));
         assert_eq!((c.mail_workers, c.mail_retry_base, c.mail_max_tries), (4, 2, 3));
         assert_eq!(c.user, "_notifd");

@@ -691,21 +691,35 @@ mod tests {
     fn list_is_chunked_in_byte_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
-        let batch: Vec<ToStore> = (0..LIST_CHUNK + 5)
-            .map(|i| ToStore::Subscribe {
-                req: i as u64,
+        // Events whose byte order differs from their insertion order, from a
+        // case-insensitive order and from their timestamps' order: punctuation, digits,
+        // upper and lower case ("B" < "_" < "a" in bytes).
+        let words = ["b", "B", "a", "A", "_x", "9", "-", ".", ":", "a.b", "a-b", "a_b", "aB", "ab", "Z9"];
+        let mut events: Vec<String> =
+            (0..LIST_CHUNK + 5).map(|i| format!("{}{i}", words[i % words.len()])).collect();
+        // A fixed shuffle (multiplying by a number prime to the length).
+        let n = events.len();
+        let batch: Vec<ToStore> = (0..n)
+            .map(|k| ToStore::Subscribe {
+                req: k as u64,
                 email: "a@x".into(),
-                event: format!("e{i:05}"),
-                now: 1,
+                event: events[k * 7919 % n].clone(),
+                now: (n - k) as i64,
             })
             .collect();
         answers(&mut s, batch);
         let got = answers(&mut s, vec![ToStore::List { req: 99, email: "a@x".into() }]);
         assert_eq!(got.len(), 2);
-        let FromStore::ListChunk { rows, last: false, .. } = &got[0] else { panic!() };
-        assert_eq!(rows.len(), LIST_CHUNK);
-        assert_eq!(rows[0].0, "e00000");
-        let FromStore::ListChunk { rows, last: true, .. } = &got[1] else { panic!() };
-        assert_eq!(rows.len(), 5);
+        let FromStore::ListChunk { rows: first, last: false, .. } = &got[0] else { panic!() };
+        assert_eq!(first.len(), LIST_CHUNK);
+        let FromStore::ListChunk { rows: rest, last: true, .. } = &got[1] else { panic!() };
+        assert_eq!(rest.len(), 5);
+        let listed: Vec<&str> = first.iter().chain(rest).map(|(e, _)| e.as_str()).collect();
+        events.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        assert_eq!(listed.len(), events.len());
+        if let Some(i) = (0..listed.len()).find(|&i| listed[i] != events[i]) {
+            let (end_l, end_e) = ((i + 3).min(listed.len()), (i + 3).min(events.len()));
+            panic!("not in byte order at row {i}: {:?}, wanted {:?}", &listed[i..end_l], &events[i..end_e]);
+        }
     }
 }

@@ -2,22 +2,18 @@
 //! script, run for real into temporary DESTDIRs.
 //!
 //! The install tests need `make` and `install(1)`; the init script test also
-//! needs `start-stop-daemon(8)` (Debian's dpkg package). They install the
-//! binaries cargo built for the tests (`NOTIFD_BIN`, `NOTIF_BIN`), so `make
-//! install` never runs cargo here.
+//! needs `start-stop-daemon(8)` (Debian's dpkg package), and says that it
+//! skipped without it. They install the binaries cargo built for the tests
+//! (`NOTIFD_BIN`, `NOTIF_BIN`), so `make install` never runs cargo here.
+
+mod util;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
-
-/// How long any step may take before the test gives up.
-const DEADLINE: Duration = Duration::from_secs(10);
+use util::{alive, read_pid, PidGuard, WAIT};
 
 /// What `make install PREFIX=/usr/local SYSCONFDIR=/etc` installs, relative to
 /// DESTDIR, with modes (OPERATIONS.md, "Files under make install").
@@ -249,54 +245,6 @@ fn install_init_puts_each_script_in_place() {
     assert!(!out.status.success(), "install-init accepted INIT=upstart");
 }
 
-/// Whether a process exists and is not a zombie waiting to be reaped.
-fn alive(pid: i32) -> bool {
-    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-        return !state.starts_with('Z');
-    }
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
-fn read_pid(pid_file: &Path) -> Option<i32> {
-    fs::read_to_string(pid_file).ok()?.trim().parse().ok()
-}
-
-/// Stops the daemon by its pid file (or the pid seen at start) when the
-/// test ends, passed or not, so no daemon outlives a failed test.
-struct DaemonGuard {
-    pid_file: PathBuf,
-    pid: Option<i32>,
-}
-
-impl Drop for DaemonGuard {
-    fn drop(&mut self) {
-        let Some(pid) = read_pid(&self.pid_file).or(self.pid) else {
-            return;
-        };
-        if pid <= 1 || !alive(pid) {
-            return;
-        }
-        // SAFETY: plain kill(2) of the daemon this test started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + DEADLINE;
-        while alive(pid) && Instant::now() < deadline {
-            sleep(Duration::from_millis(50));
-        }
-        if alive(pid) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The init script, run with /bin/sh. Its output goes to files, not pipes:
 /// a daemon that kept a pipe open would make the test wait forever.
 fn init_script(script: &Path, defaults: &Path, action: &str, out_dir: &Path) -> (i32, String) {
@@ -315,29 +263,26 @@ fn init_script(script: &Path, defaults: &Path, action: &str, out_dir: &Path) -> 
     (status.code().unwrap_or(-1), text)
 }
 
-fn read_line(reader: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("reading from notifd");
-    line
-}
-
 #[test]
 fn sysv_script_starts_reloads_and_stops_the_daemon() {
-    assert!(
-        Command::new("sh")
-            .args(["-c", "command -v start-stop-daemon"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false),
-        "start-stop-daemon is missing: the SysV script needs it (Debian package dpkg)"
-    );
+    let have_ssd = Command::new("sh")
+        .args(["-c", "command -v start-stop-daemon"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_ssd {
+        util::skip(
+            "sysv_script_starts_reloads_and_stops_the_daemon",
+            "start-stop-daemon is missing: the SysV script needs it (Debian package dpkg)",
+        );
+        return;
+    }
     let dest = tempfile::tempdir().unwrap();
     make_ok(dest.path(), &["install-init", "INIT=sysv", "PREFIX=/usr/local", "SYSCONFDIR=/etc"]);
     let script = dest.path().join("etc/init.d/notifd");
 
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let port = free_port();
     let pid_file = t.join("notifd.pid");
     let log = t.join("notifd.log");
     fs::create_dir_all(t.join("db")).unwrap();
@@ -346,7 +291,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     fs::write(
         &conf,
         format!(
-            "host = \"127.0.0.1\"\nport = {port}\ndatabase = \"{}\"\nspool_dir = \"{}\"\n\
+            "host = \"127.0.0.1\"\nport = 0\ndatabase = \"{}\"\nspool_dir = \"{}\"\n\
              pid_file = \"{}\"\nmail_transport = \"none\"\nlog = \"{}\"\nstore_timeout = 30\n",
             t.join("db/notifd.db").display(),
             t.join("spool").display(),
@@ -367,7 +312,7 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     )
     .unwrap();
 
-    let mut guard = DaemonGuard { pid_file: pid_file.clone(), pid: None };
+    let mut guard = PidGuard::new(&pid_file);
     let log_text = || fs::read_to_string(&log).unwrap_or_else(|e| format!("(no log: {e})"));
     let run = |action: &str| init_script(&script, &defaults, action, t);
 
@@ -385,22 +330,18 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     let (code, out) = run("status");
     assert_eq!(code, 0, "status while running: {out}\n--- log\n{}", log_text());
 
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to port {port}: {e}\n--- log\n{}", log_text()));
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    let greeting = read_line(&mut reader);
-    assert!(greeting.starts_with("HELLO notifd 1"), "greeting: {greeting:?}");
-    assert!(greeting.ends_with("\r\n"), "greeting: {greeting:?}");
-    writer.write_all(b"PING\r\n").unwrap();
-    assert_eq!(read_line(&mut reader), "PONG\r\n");
+    let addr = util::listen_addr_in(&log, WAIT);
+    let mut c = util::Client::connect(addr);
+    c.cmd("PING");
+    c.expect("PONG");
 
-    // A reload disconnects nobody.
+    // A reload disconnects nobody, and it did reload.
+    let reloads = || log_text().matches("configuration reloaded").count();
     let (code, out) = run("reload");
     assert_eq!(code, 0, "reload failed: {out}\n--- log\n{}", log_text());
-    writer.write_all(b"PING after reload\r\n").unwrap();
-    assert_eq!(read_line(&mut reader), "PONG after reload\r\n");
+    util::wait_until("the log's reload line", WAIT, || reloads() == 1);
+    c.cmd("PING after reload");
+    c.expect("PONG after reload");
     assert_eq!(read_pid(&pid_file), Some(pid), "the pid changed on reload");
 
     // Starting a running daemon is not an error, and starts no other one.
@@ -419,12 +360,8 @@ fn sysv_script_starts_reloads_and_stops_the_daemon() {
     assert_eq!(code, 0, "stop when stopped: {out}");
 
     // The connection saw the shutdown, then EOF, within the deadline.
-    let started = Instant::now();
-    let mut rest = String::new();
-    while reader.read_line(&mut rest).map(|n| n > 0).unwrap_or(false) {
-        assert!(started.elapsed() < DEADLINE, "no EOF after stop");
-    }
-    assert_eq!(rest, "-ERR BUSY shutting down\r\n", "what the client read at stop");
+    c.expect("-ERR BUSY shutting down");
+    c.expect_eof();
 
     // A pid file left by a dead process: LSB status 1.
     let mut dead = Command::new("true").spawn().unwrap();

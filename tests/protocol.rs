@@ -7,36 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use util::{check_err, Client, Daemon, WAIT};
-
-/// `+OK PUB <id> <n>`: the id and n.
-fn parse_ok_pub(line: &str) -> (u64, u64) {
-    let rest = line.strip_prefix("+OK PUB ").unwrap_or_else(|| panic!("expected +OK PUB, got {line:?}"));
-    let mut f = rest.split(' ');
-    let id = f.next().unwrap().parse().unwrap_or_else(|_| panic!("bad id in {line:?}"));
-    let n = f.next().unwrap_or_else(|| panic!("no n in {line:?}")).parse().unwrap();
-    assert!(f.next().is_none(), "extra words in {line:?}");
-    assert!(id > 0, "ids are positive: {line:?}");
-    (id, n)
-}
-
-/// Publishes and returns (id, n).
-fn publish(c: &mut Client, event: &str, text: &str) -> (u64, u64) {
-    c.cmd(&format!("PUB {event} {text}"));
-    parse_ok_pub(&c.line())
-}
-
-fn is_rfc3339_utc_seconds(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 20
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            4 | 7 => c == b'-',
-            10 => c == b'T',
-            13 | 16 => c == b':',
-            19 => c == b'Z',
-            _ => c.is_ascii_digit(),
-        })
-}
+use util::{check_err, is_rfc3339_utc, parse_ok_pub, publish, Client, Daemon, WAIT};
 
 #[test]
 fn greeting_names_the_protocol_and_announces_keys() {
@@ -244,7 +215,7 @@ fn domain_is_lowercased_local_part_kept() {
         let w: Vec<&str> = l.split(' ').collect();
         assert_eq!(w.len(), 4, "{l:?}");
         assert_eq!(&w[..3], ["SUB", ev, "Ana.Maria@example.com"], "{l:?}");
-        assert!(is_rfc3339_utc_seconds(w[3]), "timestamp in {l:?}");
+        assert!(is_rfc3339_utc(w[3]), "timestamp in {l:?}");
     }
     // The local part is case-sensitive: another address.
     c.cmd("LIST ana.maria@example.com");
@@ -282,7 +253,7 @@ fn list_is_ordered_by_event_bytes_with_timestamps() {
         let w: Vec<&str> = l.split(' ').collect();
         assert_eq!(w.len(), 4, "{l:?}");
         assert_eq!((w[0], w[2]), ("SUB", "who@x.org"), "{l:?}");
-        assert!(is_rfc3339_utc_seconds(w[3]), "timestamp in {l:?}");
+        assert!(is_rfc3339_utc(w[3]), "timestamp in {l:?}");
         // When the SUB was made: now, not 1970 or a time in milliseconds.
         let at = humantime::parse_rfc3339(w[3]).unwrap_or_else(|e| panic!("{l:?}: {e}"));
         let age = std::time::SystemTime::now().duration_since(at).unwrap_or_default();
@@ -656,7 +627,10 @@ fn non_loopback_v4() -> Option<std::net::IpAddr> {
 #[test]
 fn without_token_only_loopback_may_publish_or_list() {
     let Some(ip) = non_loopback_v4() else {
-        eprintln!("skipped: this machine has no non-loopback IPv4 address");
+        util::skip(
+            "without_token_only_loopback_may_publish_or_list",
+            "this machine has no non-loopback IPv4 address",
+        );
         return;
     };
     let d = Daemon::start("host = \"0.0.0.0\"");
@@ -679,7 +653,10 @@ fn without_token_only_loopback_may_publish_or_list() {
 #[test]
 fn with_token_a_remote_client_may_publish_after_auth() {
     let Some(ip) = non_loopback_v4() else {
-        eprintln!("skipped: this machine has no non-loopback IPv4 address");
+        util::skip(
+            "with_token_a_remote_client_may_publish_after_auth",
+            "this machine has no non-loopback IPv4 address",
+        );
         return;
     };
     let d = Daemon::start("host = \"0.0.0.0\"\npublish_token = \"t\"");
@@ -897,7 +874,7 @@ fn pipelining_hundreds_of_mixed_commands_in_one_write() {
                     let w: Vec<&str> = l.split(' ').collect();
                     assert_eq!(w.len(), 4, "reply {k}: {l:?}");
                     assert_eq!((w[0], w[1], w[2]), ("SUB", ev.as_str(), email.as_str()), "reply {k}");
-                    assert!(is_rfc3339_utc_seconds(w[3]), "{l:?}");
+                    assert!(is_rfc3339_utc(w[3]), "{l:?}");
                     l = next_line(&mut c, &mut msgs_self, true);
                 }
                 assert_eq!(l, format!("+OK LIST {}", events.len()), "reply {k}");
@@ -1053,15 +1030,6 @@ fn slow_consumer_is_dropped_and_others_get_everything() {
     assert!(drained < sent.len() * text.len(), "the slow consumer got everything: it was not slow");
 }
 
-/// Resumes a stopped process when dropped, so a failing test does not leave it stopped.
-struct Cont(i32);
-
-impl Drop for Cont {
-    fn drop(&mut self) {
-        util::signal(self.0, libc::SIGCONT);
-    }
-}
-
 #[test]
 fn a_ready_reply_waits_behind_one_that_waits_on_the_store() {
     let d = Daemon::start("");
@@ -1069,8 +1037,7 @@ fn a_ready_reply_waits_behind_one_that_waits_on_the_store() {
     c.cmd("SUB warm a@b");
     c.expect("+OK SUB warm");
     let store = d.store_pid();
-    util::signal(store, libc::SIGSTOP);
-    let cont = Cont(store);
+    let cont = util::stop_process(store);
     c.send("SUB ev a@b\r\nPING ready\r\nFOO\r\nPUB ev x\r\nPING last\r\n");
     // Once the daemon has read them all, PONG and -ERR UNKNOWN are ready, but must wait.
     util::wait_until("the daemon to read the commands", WAIT, || {
@@ -1090,25 +1057,36 @@ fn a_ready_reply_waits_behind_one_that_waits_on_the_store() {
 
 #[test]
 fn max_inflight_pauses_reading_without_losing_anything() {
+    const PINGS: usize = 20_000;
     let d = Daemon::start("max_inflight = 1\nsync = \"normal\"");
     let mut c = d.client();
-    let mut script = String::new();
-    let mut want = Vec::new();
-    for i in 0..150 {
-        script.push_str(&format!("SUB e{} a@b\r\nPING {i}\r\nBAD\r\n", i % 7));
-        want.push(format!("+OK SUB e{}", i % 7));
-        want.push(format!("PONG {i}"));
-        want.push(String::new());
+    c.cmd("SUB warm a@b");
+    c.expect("+OK SUB warm");
+    let store = util::stop_process(d.store_pid());
+    let mut script = String::from("SUB e a@b\r\n");
+    for i in 0..PINGS {
+        script.push_str(&format!("PING {i}\r\nBAD\r\n"));
     }
     let mut w = c.sock.try_clone().unwrap();
     let writer = std::thread::spawn(move || w.write_all(script.as_bytes()).unwrap());
-    for (k, l) in want.iter().enumerate() {
-        if l.is_empty() {
-            c.expect_err("UNKNOWN");
-        } else {
-            let got = c.line();
-            assert_eq!(&got, l, "reply {k}");
-        }
+    // The SUB waits on the stopped store and takes the one slot: the daemon reads no
+    // further than its first chunk and leaves the rest in the kernel, and still does
+    // after a whole loop turn (a round trip on another connection).
+    const UNREAD: u64 = 32 * 1024;
+    let unread = || util::server_unread(c.local_addr(), d.port).unwrap_or(0);
+    util::wait_until("the daemon to leave bytes unread", WAIT, || unread() >= UNREAD);
+    let mut other = d.client();
+    other.cmd("PING");
+    other.expect("PONG");
+    let left = unread();
+    assert!(left >= UNREAD, "the daemon read on past max_inflight: {left} bytes left unread");
+
+    // Nothing is refused or lost: every reply, in order.
+    drop(store);
+    c.expect("+OK SUB e");
+    for i in 0..PINGS {
+        c.expect(&format!("PONG {i}"));
+        c.expect_err("UNKNOWN");
     }
     writer.join().unwrap();
     assert!(c.sync().is_empty());
@@ -1117,7 +1095,7 @@ fn max_inflight_pauses_reading_without_losing_anything() {
 /// Publications on two events, interleaved in one write: each subscriber gets exactly
 /// its events' MSGs in publication order, also when its share of the turn's MSGs is not
 /// one contiguous run (the reactor then copies instead of writing from the shared
-/// buffer), and also when a reply of its own falls between them.
+/// buffer), and also when a reply of its own falls between them in the same loop turn.
 #[test]
 fn interleaved_events_reach_each_subscriber_in_order() {
     let d = Daemon::start("");
@@ -1128,26 +1106,78 @@ fn interleaved_events_reach_each_subscriber_in_order() {
     both.send("SUB a y@example.com\r\nSUB b y@example.com\r\n");
     both.expect("+OK SUB a");
     both.expect("+OK SUB b");
-    let mut p = d.client();
-    let mut batch = String::new();
-    for i in 0..30 {
-        batch.push_str(&format!("PUB {} m{i}\r\n", if i % 3 == 1 { "b" } else { "a" }));
-    }
-    p.send(&batch);
+    let event = |i: usize| if i % 3 == 1 { "b" } else { "a" };
+    let batch = |range: std::ops::Range<usize>| -> String {
+        range.map(|i| format!("PUB {} m{i}\r\n", event(i))).collect()
+    };
     let mut ids = Vec::new();
+    let want = |ids: &[u64], range: std::ops::Range<usize>, pick: &dyn Fn(usize) -> bool| -> Vec<String> {
+        range.filter(|&i| pick(i)).map(|i| format!("MSG {} {} m{i}", event(i), ids[i])).collect()
+    };
+
+    // One publisher, one write.
+    let mut p = d.client();
+    p.send(&batch(0..30));
     for _ in 0..30 {
         ids.push(parse_ok_pub(&p.line()).0);
     }
-    // `both` also sends a command between the publications' MSGs.
-    both.cmd("PING mid");
-    let want = |pick: &dyn Fn(usize) -> bool| -> Vec<String> {
-        (0..30)
-            .filter(|&i| pick(i))
-            .map(|i| format!("MSG {} {} m{i}", if i % 3 == 1 { "b" } else { "a" }, ids[i]))
-            .collect()
-    };
-    let got_a = only_a.sync();
-    assert_eq!(got_a, want(&|i| i % 3 != 1));
-    let got_both: Vec<String> = both.sync().into_iter().filter(|l| l.starts_with("MSG ")).collect();
-    assert_eq!(got_both, want(&|_| true));
+    // Each sync's PING goes out after every +OK PUB was read, so after every MSG was
+    // queued: its PONG comes after them all.
+    assert_eq!(only_a.sync(), want(&ids, 0..30, &|i| i % 3 != 1));
+    assert_eq!(both.sync(), want(&ids, 0..30, &|_| true));
+
+    // Three connections' input in one loop turn: the reactor is stopped while a first
+    // publisher writes, `both` sends a PING (then a PUB on an event nobody follows, whose
+    // id tells when `both` was handled), and a second publisher writes. Woken, the
+    // reactor handles the three in some order; when `both` comes between the publishers,
+    // its PONG must fall between their runs of MSGs. The order is the kernel's, so
+    // several rounds are tried until one has `both` in the middle.
+    let mut p2 = d.client();
+    let mut middle = false;
+    for round in 0..10 {
+        let first = 30 + round * 30;
+        let inputs = [
+            batch(first..first + 15),
+            "PING mid\r\nPUB nobody marker\r\n".into(),
+            batch(first + 15..first + 30),
+        ];
+        let reactor = util::stop_process(d.pid());
+        for (c, input) in [&mut p, &mut both, &mut p2].into_iter().zip(&inputs) {
+            c.send(input);
+            util::wait_until("the input to reach the daemon's socket", WAIT, || {
+                util::server_unread(c.local_addr(), d.port) == Some(input.len() as u64)
+            });
+        }
+        drop(reactor);
+        for c in [&mut p, &mut p2] {
+            for _ in 0..15 {
+                ids.push(parse_ok_pub(&c.line()).0);
+            }
+        }
+        let mut got = both.sync();
+        let ok_pub = got.iter().position(|l| l.starts_with("+OK PUB ")).expect("the marker's +OK PUB");
+        let (marker, n) = parse_ok_pub(&got.remove(ok_pub));
+        assert_eq!(n, 0);
+        let pong = got.iter().position(|l| l == "PONG mid").expect("PONG mid");
+        assert!(pong <= ok_pub, "PONG mid after the +OK PUB that follows it: {got:?}");
+        got.remove(pong);
+        // Publications are numbered in the order the reactor handled them.
+        let before = (first..first + 30).filter(|&i| ids[i] < marker).count();
+        assert!(before % 15 == 0, "a publisher's batch was split: {before} MSGs before the marker");
+        let mut runs: Vec<usize> = (first..first + 30).collect();
+        runs.sort_by_key(|&i| ids[i]);
+        let msg = |i: usize| format!("MSG {} {} m{i}", event(i), ids[i]);
+        assert_eq!(
+            got,
+            runs.iter().map(|&i| msg(i)).collect::<Vec<_>>(),
+            "round {round}: the MSGs in id order"
+        );
+        assert_eq!(pong, before, "round {round}: PONG mid is not where `both` was handled: {got:?}");
+        assert_eq!(only_a.sync(), runs.iter().filter(|&&i| i % 3 != 1).map(|&i| msg(i)).collect::<Vec<_>>());
+        if before == 15 {
+            middle = true;
+            break;
+        }
+    }
+    assert!(middle, "in ten rounds, the reactor never handled `both` between the two publishers");
 }

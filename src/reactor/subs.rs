@@ -137,6 +137,80 @@ impl Subs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    type Model = BTreeSet<(String, String)>;
+
+    /// `s` holds exactly the model's pairs, whatever its form.
+    fn check(s: &Subs, model: &Model, events: &[&str], universe: &[(&str, String)], what: &str) {
+        assert_eq!(s.len(), model.len(), "{what}: len");
+        let listed: Vec<(String, String)> = s.iter().map(|(e, m)| (e.to_string(), m.to_string())).collect();
+        assert_eq!(listed.len(), model.len(), "{what}: iter yields a pair twice");
+        assert_eq!(listed.into_iter().collect::<Model>(), *model, "{what}: iter");
+        for (e, m) in universe {
+            let want = model.contains(&(e.to_string(), m.clone()));
+            assert_eq!(s.contains(e, m), want, "{what}: contains({e}, {m})");
+        }
+        for e in events {
+            let want = model.iter().any(|(me, _)| me == e);
+            assert_eq!(s.has_event(e), want, "{what}: has_event({e})");
+        }
+    }
+
+    /// The short and the hashed form, given the same inserts and removes, agree with a
+    /// plain set after every step: first with few pairs (the short form must stay short,
+    /// and be emptied), then with more than [`FEW`] (the short one switches to hashing).
+    #[test]
+    fn both_forms_agree_with_a_set_through_inserts_and_removes() {
+        let events = ["e", "o", "x"];
+        let universe: Vec<(&str, String)> =
+            (0..10).flat_map(|i| events.iter().map(move |&e| (e, format!("a{i}@x")))).collect();
+        let mut short = Subs::default();
+        // The hashed form with nothing in it: filled past FEW, then emptied.
+        let mut hashed = Subs::default();
+        for i in 0..=FEW {
+            hashed.insert(Rc::from("pad"), format!("p{i}@x").into());
+        }
+        for i in 0..=FEW {
+            assert!(hashed.remove("pad", &format!("p{i}@x")));
+        }
+        assert!(matches!(hashed, Subs::Many(_)) && hashed.len() == 0);
+
+        let mut model = Model::new();
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut emptied = 0;
+        for step in 0..4000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            // Phase one: 12 pairs at most, fewer than FEW; phase two: all 30.
+            let pairs = if step < 2000 { 12 } else { universe.len() };
+            let (e, m) = &universe[(rng >> 8) as usize % pairs];
+            let key = (e.to_string(), m.clone());
+            if rng % 2 == 0 {
+                if !model.contains(&key) {
+                    short.insert(Rc::from(*e), m.as_str().into());
+                    hashed.insert(Rc::from(*e), m.as_str().into());
+                    model.insert(key);
+                }
+            } else {
+                let was = model.remove(&key);
+                assert_eq!(short.remove(e, m), was, "step {step}: short remove({e}, {m})");
+                assert_eq!(hashed.remove(e, m), was, "step {step}: hashed remove({e}, {m})");
+            }
+            if step < 2000 {
+                assert!(matches!(short, Subs::Empty | Subs::Few(_)), "step {step}: the short form grew");
+                if model.is_empty() {
+                    assert!(matches!(short, Subs::Empty), "step {step}: an emptied short form");
+                    emptied += 1;
+                }
+            }
+            check(&short, &model, &events, &universe, &format!("step {step}, short"));
+            check(&hashed, &model, &events, &universe, &format!("step {step}, hashed"));
+        }
+        assert!(emptied > 0, "the short form was never emptied");
+        assert!(matches!(short, Subs::Many(_)), "the short form never switched to hashing");
+    }
 
     #[test]
     fn few_and_many_agree() {

@@ -3,11 +3,18 @@
 //!
 //! Every wait here is bounded and waits for an event (a log line, a reply, a file), never
 //! for a fixed time: the machines are shared and slow.
+//!
+//! Also here, so that no test file keeps its own copy: the PUB helpers
+//! ([`publish`], [`parse_ok_pub`]), process checks ([`alive`], [`read_pid`], [`wait_until`],
+//! [`Cont`]), daemons started with `-d` ([`PidGuard`], [`listen_addr_in`]), a port where
+//! nothing listens ([`ClosedPort`]), the RFC 3339 check, the email [`header`] helper, and
+//! [`skip`] for a test that cannot run here.
 
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,6 +46,8 @@ pub struct Daemon {
     log: Arc<Log>,
     /// Logs of earlier runs in the same folder, for the dump on failure.
     earlier: Vec<String>,
+    /// The test said the daemon may be gone by the end: see [`Daemon::expect_exit`].
+    exit_expected: bool,
 }
 
 /// The configuration a test gets unless `extra` sets the key itself.
@@ -91,6 +100,7 @@ impl Daemon {
             process: None,
             log: Arc::new(Log::default()),
             earlier: Vec::new(),
+            exit_expected: false,
         };
         d.launch();
         d
@@ -272,7 +282,7 @@ impl Daemon {
             kill_if_ours(c, libc::SIGKILL);
         }
         let st = self.wait_exit(WAIT).expect("SIGKILL ends the daemon");
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL));
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
         for c in self.all_child_pids() {
             wait_gone(c, WAIT);
         }
@@ -298,31 +308,62 @@ impl Daemon {
         )
         .expect("open the database read-only")
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let pid = child.id() as i32;
-            signal(pid, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
+    /// Says that the daemon is expected to exit on its own before the test ends (a fatal
+    /// error the test provokes), so that [`Drop`] does not count its absence as a crash.
+    pub fn expect_exit(&mut self) {
+        self.exit_expected = true;
+    }
+
+    /// Ends the run at the end of a test: the daemon must still be running (unless
+    /// [`Daemon::expect_exit`] was called) and must stop cleanly on SIGTERM. Returns what
+    /// went wrong, if anything.
+    fn finish(&mut self) -> Option<String> {
+        let mut child = self.process.take()?;
+        if let Ok(Some(st)) = child.try_wait() {
+            return (!self.exit_expected)
+                .then(|| format!("the daemon was no longer running at the end of the test ({st})"));
+        }
+        signal(child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) if st.success() => return None,
+                Ok(Some(st)) => {
+                    return Some(format!("the daemon exited with {st} on SIGTERM at the end of the test"))
+                }
+                _ if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Some(format!("the daemon did not exit within {WAIT:?} of SIGTERM"));
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+}
+
+/// A test whose daemon crashed, or did not stop cleanly, fails here even if every
+/// assertion before passed (a test ending in `expect_eof()` would otherwise pass when the
+/// reactor died).
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let problem = self.finish();
         for c in self.all_child_pids() {
             kill_if_ours(c, libc::SIGKILL);
         }
-        if std::thread::panicking() {
+        let panicking = std::thread::panicking();
+        if panicking || problem.is_some() {
             eprintln!(
                 "==== notifd log ({}) ====\n{}\n==== end of log ====",
                 self.conf.display(),
                 self.log_text()
             );
+        }
+        if let Some(p) = problem {
+            if !panicking {
+                panic!("{p}");
+            }
         }
     }
 }
@@ -421,6 +462,166 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Whether a process exists and is not a zombie waiting to be reaped.
+pub fn alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|(st, _)| st != 'Z')
+}
+
+/// The pid in a pid file, if the file exists and holds one.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Resumes a stopped process when dropped, so a failing test does not leave it stopped.
+pub struct Cont(pub i32);
+
+impl Drop for Cont {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// SIGSTOP to `pid`; the returned guard sends SIGCONT when dropped.
+pub fn stop_process(pid: i32) -> Cont {
+    signal(pid, libc::SIGSTOP);
+    wait_until(&format!("process {pid} to stop"), WAIT, || stat(pid).is_some_and(|(st, _)| st == 'T'));
+    Cont(pid)
+}
+
+/// A daemon that runs detached (`notifd -d`, or started by an init script), known by its
+/// pid file. When dropped it stops the daemon (SIGTERM, then SIGKILL), and fails the test
+/// if the pid file names a process that is gone: a daemon that stops removes its pid
+/// file, so that one died.
+pub struct PidGuard {
+    /// The pid file the daemon writes.
+    pub pid_file: PathBuf,
+    /// The pid seen at start, used if the pid file is gone.
+    pub pid: Option<i32>,
+}
+
+impl PidGuard {
+    /// Guards the daemon that will write `pid_file`.
+    pub fn new(pid_file: &Path) -> PidGuard {
+        PidGuard { pid_file: pid_file.to_path_buf(), pid: None }
+    }
+}
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        let from_file = read_pid(&self.pid_file);
+        let Some(pid) = from_file.or(self.pid) else { return };
+        if pid <= 1 || !comm(pid).is_some_and(|c| c.starts_with("notifd")) || !alive(pid) {
+            if from_file.is_some() && !std::thread::panicking() {
+                panic!("{} names pid {pid}, which is no longer running", self.pid_file.display());
+            }
+            return;
+        }
+        signal(pid, libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill_if_ours(pid, libc::SIGKILL);
+    }
+}
+
+/// The address in the last `listening on ADDRESS` line of a log file, waiting (bounded)
+/// for the line to appear: how a test finds the port of a daemon started with
+/// `port = 0` that logs to a file.
+pub fn listen_addr_in(log: &Path, timeout: Duration) -> SocketAddr {
+    let mut addr = None;
+    wait_until(&format!("a \"listening on\" line in {}", log.display()), timeout, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        addr = text
+            .lines()
+            .filter_map(|l| l.rsplit_once("listening on "))
+            .map(|(_, a)| a.trim().to_string())
+            .next_back();
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?} in {}: {e}", log.display()))
+}
+
+/// A loopback port where nothing listens, held for as long as this lives: the socket is
+/// bound but never listens, so a connection there is refused, and no other test can take
+/// the port in the meantime (a port found free and released at once would race with the
+/// tests running in parallel).
+pub struct ClosedPort {
+    _sock: socket2::Socket,
+    /// The port.
+    pub port: u16,
+}
+
+impl ClosedPort {
+    /// Binds a new one on 127.0.0.1.
+    pub fn new() -> ClosedPort {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind 127.0.0.1:0");
+        let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+        ClosedPort { _sock: sock, port }
+    }
+}
+
+/// `+OK PUB <id> <n>`: the id and n (the connections the MSG was queued to).
+pub fn parse_ok_pub(line: &str) -> (u64, u64) {
+    let rest = line.strip_prefix("+OK PUB ").unwrap_or_else(|| panic!("expected +OK PUB, got {line:?}"));
+    let mut f = rest.split(' ');
+    let id = f.next().unwrap().parse().unwrap_or_else(|_| panic!("bad id in {line:?}"));
+    let n = f.next().unwrap_or_else(|| panic!("no n in {line:?}")).parse().unwrap();
+    assert!(f.next().is_none(), "extra words in {line:?}");
+    assert!(id > 0, "ids are positive: {line:?}");
+    (id, n)
+}
+
+/// Publishes from a connection that receives no MSG for `event` (its next line is the
+/// reply); returns the id and n of `+OK PUB <id> <n>`.
+pub fn publish(c: &mut Client, event: &str, text: &str) -> (u64, u64) {
+    c.cmd(&format!("PUB {event} {text}"));
+    parse_ok_pub(&c.line())
+}
+
+/// Whether `s` is RFC 3339 in UTC to the second, as the protocol writes times
+/// (`2026-11-28T00:05:09Z`).
+pub fn is_rfc3339_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b'-',
+            10 => c == b'T',
+            13 | 16 => c == b':',
+            19 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// The one value of an email header; fails if the header is missing or repeated.
+pub fn header(mail: &mailparse::ParsedMail, name: &str) -> String {
+    use mailparse::MailHeaderMap;
+    let all = mail.headers.get_all_values(name);
+    assert_eq!(all.len(), 1, "exactly one {name} header, got {all:?}");
+    all[0].clone()
+}
+
+/// Says that `test` did not run here and why: a `SKIPPED: <test>: <why>` line on stderr,
+/// and the same line appended to `skipped.txt` in cargo's test folder, which `make test`
+/// prints at the end (cargo hides a passing test's output, so the skip would not show).
+/// The caller returns right after.
+pub fn skip(test: &str, why: &str) {
+    let line = format!("SKIPPED: {test}: {why}\n");
+    eprint!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped.txt");
+    // One write of a short line with O_APPEND: tests skipping in parallel do not mix.
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("cannot record the skip in {}: {e}", path.display());
+    }
+}
+
 /// A line-protocol client with its own buffer, so a read timeout never loses bytes.
 pub struct Client {
     pub sock: TcpStream,
@@ -464,7 +665,9 @@ impl Client {
         self.send(&format!("{line}\r\n"));
     }
 
-    /// The next line within `timeout`, CRLF removed; `Ok(None)` at EOF, `Err` at the timeout.
+    /// The next line within `timeout`, CRLF removed; `Ok(None)` at EOF, `Err` at the timeout
+    /// or when the connection was reset (a reset is not the orderly close the protocol
+    /// promises: it is what a crashed daemon leaves).
     pub fn try_line(&mut self, timeout: Duration) -> Result<Option<String>, String> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -499,7 +702,12 @@ impl Client {
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(format!(
+                        "connection reset by the server; partial {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    ))
+                }
                 Err(e) => panic!("read from notifd: {e}"),
             }
         }
