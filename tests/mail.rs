@@ -1,6 +1,6 @@
 //! Email through the whole daemon: clients SUB and PUB over TCP, the store queues the
-//! emails in its outbox, the mailer sends them to a real SMTP server (aiosmtpd, started
-//! per test on a loopback port) or spools them, across relay outages and crashes.
+//! emails in its outbox, the mailer sends them to a real SMTP server (`util/smtp.rs`,
+//! started per test on a loopback port) or spools them, across relay outages and crashes.
 
 mod util;
 
@@ -42,11 +42,6 @@ fn smtp_config(port: u16, extra: &str) -> String {
     text + extra
 }
 
-/// A port that was free a moment ago: nothing listens there.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Subscribes each address to `event` (pipelined), and checks every `+OK`.
 fn subscribe(c: &mut Client, event: &str, emails: &[String]) {
     let mut lines = String::new();
@@ -83,7 +78,7 @@ fn wait_messages(server: &SmtpServer, n: usize, timeout: Duration) -> usize {
             Instant::now() < deadline,
             "{got} of {n} messages within {timeout:?}; server events: {:?}\n{}",
             server.events().iter().rev().take(10).collect::<Vec<_>>(),
-            server.stderr()
+            server.errors()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -286,9 +281,9 @@ fn a_421_for_the_first_tries_then_the_email_arrives() {
 
 #[test]
 fn a_relay_that_is_down_then_up_gets_the_email() {
-    // Nothing listens on the port when the daemon starts: connection refused.
-    let port = free_port();
-    let d = Daemon::start(&smtp_config(port, ""));
+    // The relay greets every connection with 421 until it is brought up.
+    let server = SmtpServer::start(Options { down: true, ..Options::default() });
+    let d = Daemon::start(&smtp_config(server.port, ""));
     let mut subs = d.client();
     subscribe(&mut subs, "outage", &["alice@example.org".to_string()]);
     let id = publish(&mut d.client(), "outage", "the relay was down");
@@ -296,9 +291,11 @@ fn a_relay_that_is_down_then_up_gets_the_email() {
     // The log line comes just before the commit.
     let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 == 1);
     assert_eq!(state, "pending");
-    assert!(error.as_deref().is_some_and(|e| e.contains(&port.to_string())), "{error:?}");
+    let error = error.unwrap_or_default();
+    assert!(error.contains(&server.port.to_string()) && error.contains("421"), "{error}");
+    assert_eq!(server.message_count(), 0);
 
-    let server = SmtpServer::start(Options { port, ..Options::default() });
+    server.set_down(false);
     wait_messages(&server, 1, WAIT * 3);
     let rows = wait_outbox_final(&d, id, WAIT);
     assert_eq!(rows["alice@example.org"].0, "sent", "{rows:?}");
@@ -348,8 +345,8 @@ fn sigkill_of_the_mailer_in_the_middle_of_500_emails() {
 #[test]
 fn sigkill_of_the_whole_daemon_with_emails_pending() {
     // The relay is down at first: the emails stay pending.
-    let port = free_port();
-    let mut d = Daemon::start(&smtp_config(port, ""));
+    let server = SmtpServer::start(Options { down: true, ..Options::default() });
+    let mut d = Daemon::start(&smtp_config(server.port, ""));
     let people = addresses("p", 3);
     let mut subs = d.client();
     subscribe(&mut subs, "crash", &people);
@@ -365,7 +362,7 @@ fn sigkill_of_the_whole_daemon_with_emails_pending() {
         assert!(rows.values().all(|(s, _, _)| s == "pending" || s == "sending"), "{rows:?}");
     }
 
-    let server = SmtpServer::start(Options { port, ..Options::default() });
+    server.set_down(false);
     d.restart();
     wait_messages(&server, 6, WAIT * 3);
     for id in ids {

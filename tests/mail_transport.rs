@@ -1,5 +1,5 @@
-//! The mail transports against real receivers: an SMTP server (aiosmtpd, started per
-//! test on a free loopback port), a sendmail stand-in script, and a spool folder.
+//! The mail transports against real receivers: an SMTP server (`util/smtp.rs`, started
+//! per test on a loopback port), a sendmail stand-in script, and a spool folder.
 
 #[path = "util/smtp.rs"]
 mod smtp;
@@ -79,7 +79,7 @@ fn three_jobs_arrive_with_their_headers_and_body() {
     ];
     let results = mailer.send_batch(&batch);
     assert_matches_jobs(&results, &batch);
-    assert!(all_sent(&results), "{results:?}\n{}", server.stderr());
+    assert!(all_sent(&results), "{results:?}\n{}", server.errors());
 
     let received = server.received();
     assert_eq!(received.len(), 3);
@@ -183,7 +183,7 @@ fn starttls_with_a_test_ca() {
     let batch = jobs(3);
     let results = mailer.send_batch(&batch);
     assert_matches_jobs(&results, &batch);
-    assert!(all_sent(&results), "{results:?}\n{}", server.stderr());
+    assert!(all_sent(&results), "{results:?}\n{}", server.errors());
     let received = server.received();
     assert_eq!(received.len(), 3);
     assert!(received.iter().all(|r| r.tls), "every message came over STARTTLS");
@@ -214,14 +214,14 @@ fn implicit_tls_with_auth() {
             matches!(o, MailOutcome::Retry(r) if r.contains("535")),
             "{o:?} {:?} {}",
             server.events(),
-            server.stderr()
+            server.errors()
         );
     }
     assert_eq!(server.connections(), 1, "one refused AUTH, not one per job: {:?}", server.events());
 
     s.smtp_password = "s3cret pass".into();
     let results = Mailer::new(&s).unwrap().send_batch(&jobs(3));
-    assert!(all_sent(&results), "{results:?}\n{}", server.stderr());
+    assert!(all_sent(&results), "{results:?}\n{}", server.errors());
     let received = server.received();
     assert_eq!(received.len(), 3);
     assert!(received.iter().all(|r| r.tls));
@@ -266,8 +266,8 @@ fn a_relay_that_closes_after_some_messages_gets_a_new_connection() {
 
 #[test]
 fn a_dead_relay_gives_retry_at_once_for_the_whole_batch() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Nothing listens there, and the held socket keeps the port from other tests.
+    let (_held, port) = smtp::refusing_port();
     let mut mailer = Mailer::new(&settings(Transport::Smtp, port)).unwrap();
     let batch = jobs(50);
     let start = Instant::now();
