@@ -507,30 +507,49 @@ fn kill_mailer(d: &Daemon) -> i32 {
 #[test]
 fn emails_taken_while_the_mailer_is_down_are_not_stranded() {
     let server = SmtpServer::start(Options::default());
-    let d = Daemon::start(&smtp_config(server.port, ""));
+    // The store waits for the test's write lock below for up to store_timeout / 2.
+    let d = Daemon::start(&smtp_config(server.port, "store_timeout = 120\n"));
     let everyone = addresses("user", 500);
     let mut subs = d.client();
     subscribe(&mut subs, "big", &everyone);
-    // Quick deaths double the restart delay: after these four, the next death keeps
-    // the mailer down for 1.6 s.
-    for _ in 0..4 {
+    // Quick deaths double the restart delay: after these five, the next death keeps
+    // the mailer down for 3.2 s.
+    for _ in 0..5 {
         kill_mailer(&d);
     }
 
-    // Hold the database's write lock: the store waits (busy_timeout) with what comes next.
     let lock = rusqlite::Connection::open(d.path("db/notifd.db")).unwrap();
     let id = publish(&mut d.client(), "big", "stranded?");
-    // The mailer got its first 256 and is sending them: from now on its reports (every
-    // 50) and the TakeMail that follows the first of them wait for the store.
+    // The mailer got its first 256 and is sending them. Stopped, it sends at most the
+    // one message already on the wire while the test takes the database's write lock.
     wait_messages(&server, 1, WAIT * 3);
+    let mailer = *d.mailer_pids().last().unwrap();
+    util::signal(mailer, libc::SIGSTOP);
+    let at_lock = server.message_count() + 1;
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    wait_messages(&server, 160, WAIT * 3);
+    util::signal(mailer, libc::SIGCONT);
+    // It reports every 50: past one more report, that report and the TakeMail that
+    // follows it wait for the store, which waits for the lock.
+    let kill_at = at_lock + 50 + 10;
+    assert!(kill_at <= 256, "{at_lock} sent before the lock: no report left to hold up");
+    wait_messages(&server, kill_at, WAIT * 3);
+    let pending = |db: &rusqlite::Connection| -> i64 {
+        db.query_row("SELECT count(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0)).unwrap()
+    };
+    let pending_at_kill = pending(&lock);
     let losses = d.log_count("notifd-mailer 1 lost");
-    util::signal(*d.mailer_pids().last().unwrap(), libc::SIGKILL);
+    util::signal(mailer, libc::SIGKILL);
     d.wait_log_count("notifd-mailer 1 lost", losses + 1, WAIT);
     let restarts = d.log_count("notifd-mailer 1 restarted");
-    // The store answers the TakeMail now, while no mailer is up.
     lock.execute_batch("COMMIT").unwrap();
+    // The store answers the TakeMail now: the emails it leases leave 'pending' while no
+    // mailer is up.
+    util::wait_until("the store leasing emails", WAIT, || pending(&d.db()) < pending_at_kill);
+    assert_eq!(
+        d.log_count("notifd-mailer 1 restarted"),
+        restarts,
+        "the mailer was back before the store answered: the test tested nothing"
+    );
     d.wait_log_count("notifd-mailer 1 restarted", restarts + 1, WAIT);
 
     wait_recipients(&server, &everyone, Duration::from_secs(60));
