@@ -260,6 +260,57 @@ fn starttls_with_the_ca_from_smtp_ca_file() {
     assert_eq!(rows["alice@example.org"].0, "sent");
 }
 
+/// `smtp_tls = "starttls"` never falls back to plain text: with a relay that does not
+/// offer STARTTLS, the email stays pending and is tried again, and the log says why.
+#[test]
+fn starttls_that_the_relay_does_not_offer_is_a_failed_try() {
+    let server = SmtpServer::start(Options::default());
+    let d = Daemon::start(&smtp_config(server.port, "smtp_tls = \"starttls\"\n"));
+    let mut subs = d.client();
+    subscribe(&mut subs, "tls.test", &["alice@example.org".to_string()]);
+    let id = publish(&mut d.client(), "tls.test", "not in plain text");
+    d.wait_log(|l| l.contains("try 1 failed, next in") && l.contains("STARTTLS"), WAIT * 2);
+    let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 2);
+    assert_eq!(state, "pending");
+    assert!(error.as_deref().is_some_and(|e| e.contains("STARTTLS")), "{error:?}");
+    assert!(server.connections() >= 2, "it reached the relay each time: {:?}", server.events());
+    assert_eq!(server.message_count(), 0, "{:?}", server.events());
+}
+
+/// `smtp_password_file` is read again on HUP: the next email authenticates with the
+/// password the file holds then.
+#[test]
+fn the_smtp_password_file_is_reread_on_hup() {
+    let server = SmtpServer::start(Options {
+        auth: Some(("notifd".into(), "new password".into())),
+        ..Options::default()
+    });
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("smtp-password");
+    std::fs::write(&password_file, "old password\n").unwrap();
+    let d = Daemon::start(&smtp_config(
+        server.port,
+        &format!("smtp_user = \"notifd\"\nsmtp_password_file = {:?}\n", password_file.display().to_string()),
+    ));
+    let mut subs = d.client();
+    subscribe(&mut subs, "secret", &["alice@example.org".to_string()]);
+    let id = publish(&mut d.client(), "secret", "after the new password");
+    let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 1);
+    assert_eq!(state, "pending");
+    assert!(error.as_deref().is_some_and(|e| e.contains("535")), "{error:?}");
+    assert!(server.events().iter().any(|e| e.starts_with("auth ") && e.ends_with(" refused")));
+
+    std::fs::write(&password_file, "new password\n").unwrap();
+    let reloads = d.log_count("configuration reloaded");
+    d.signal(libc::SIGHUP);
+    d.wait_log_count("configuration reloaded", reloads + 1, WAIT);
+    let rows = wait_outbox_final(&d, id, WAIT * 3);
+    assert_eq!(rows["alice@example.org"].0, "sent", "{rows:?}");
+    let ok = server.events().iter().filter(|e| e.starts_with("auth ") && e.ends_with(" ok")).count();
+    assert_eq!(ok, 1, "{:?}", server.events());
+    assert_eq!(server.message_count(), 1);
+}
+
 #[test]
 fn a_421_for_the_first_tries_then_the_email_arrives() {
     let server = SmtpServer::start(Options { tempfail: 2, ..Options::default() });
