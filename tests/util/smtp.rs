@@ -31,8 +31,8 @@ pub struct Options {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// With `tls`: TLS from the first byte instead of STARTTLS.
     pub implicit_tls: bool,
-    /// Require AUTH (PLAIN or LOGIN) with this user and password; over TLS only when
-    /// there is TLS.
+    /// Require AUTH (PLAIN or LOGIN) with this user and password: offered once the
+    /// connection is encrypted when `tls` is set, in plain text otherwise.
     pub auth: Option<(String, String)>,
     /// Count messages without saving them.
     pub no_save: bool,
