@@ -1,6 +1,6 @@
 //! Email through the whole daemon: clients SUB and PUB over TCP, the store queues the
-//! emails in its outbox, the mailer sends them to a real SMTP server (aiosmtpd, started
-//! per test on a loopback port) or spools them, across relay outages and crashes.
+//! emails in its outbox, the mailer sends them to a real SMTP server (`util/smtp.rs`,
+//! started per test on a loopback port) or spools them, across relay outages and crashes.
 
 mod util;
 
@@ -42,11 +42,6 @@ fn smtp_config(port: u16, extra: &str) -> String {
     text + extra
 }
 
-/// A port that was free a moment ago: nothing listens there.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Subscribes each address to `event` (pipelined), and checks every `+OK`.
 fn subscribe(c: &mut Client, event: &str, emails: &[String]) {
     let mut lines = String::new();
@@ -83,7 +78,7 @@ fn wait_messages(server: &SmtpServer, n: usize, timeout: Duration) -> usize {
             Instant::now() < deadline,
             "{got} of {n} messages within {timeout:?}; server events: {:?}\n{}",
             server.events().iter().rev().take(10).collect::<Vec<_>>(),
-            server.stderr()
+            server.errors()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -265,6 +260,57 @@ fn starttls_with_the_ca_from_smtp_ca_file() {
     assert_eq!(rows["alice@example.org"].0, "sent");
 }
 
+/// `smtp_tls = "starttls"` never falls back to plain text: with a relay that does not
+/// offer STARTTLS, the email stays pending and is tried again, and the log says why.
+#[test]
+fn starttls_that_the_relay_does_not_offer_is_a_failed_try() {
+    let server = SmtpServer::start(Options::default());
+    let d = Daemon::start(&smtp_config(server.port, "smtp_tls = \"starttls\"\n"));
+    let mut subs = d.client();
+    subscribe(&mut subs, "tls.test", &["alice@example.org".to_string()]);
+    let id = publish(&mut d.client(), "tls.test", "not in plain text");
+    d.wait_log(|l| l.contains("try 1 failed, next in") && l.contains("STARTTLS"), WAIT * 2);
+    let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 2);
+    assert_eq!(state, "pending");
+    assert!(error.as_deref().is_some_and(|e| e.contains("STARTTLS")), "{error:?}");
+    assert!(server.connections() >= 2, "it reached the relay each time: {:?}", server.events());
+    assert_eq!(server.message_count(), 0, "{:?}", server.events());
+}
+
+/// `smtp_password_file` is read again on HUP: the next email authenticates with the
+/// password the file holds then.
+#[test]
+fn the_smtp_password_file_is_reread_on_hup() {
+    let server = SmtpServer::start(Options {
+        auth: Some(("notifd".into(), "new password".into())),
+        ..Options::default()
+    });
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("smtp-password");
+    std::fs::write(&password_file, "old password\n").unwrap();
+    let d = Daemon::start(&smtp_config(
+        server.port,
+        &format!("smtp_user = \"notifd\"\nsmtp_password_file = {:?}\n", password_file.display().to_string()),
+    ));
+    let mut subs = d.client();
+    subscribe(&mut subs, "secret", &["alice@example.org".to_string()]);
+    let id = publish(&mut d.client(), "secret", "after the new password");
+    let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 1);
+    assert_eq!(state, "pending");
+    assert!(error.as_deref().is_some_and(|e| e.contains("535")), "{error:?}");
+    assert!(server.events().iter().any(|e| e.starts_with("auth ") && e.ends_with(" refused")));
+
+    std::fs::write(&password_file, "new password\n").unwrap();
+    let reloads = d.log_count("configuration reloaded");
+    d.signal(libc::SIGHUP);
+    d.wait_log_count("configuration reloaded", reloads + 1, WAIT);
+    let rows = wait_outbox_final(&d, id, WAIT * 3);
+    assert_eq!(rows["alice@example.org"].0, "sent", "{rows:?}");
+    let ok = server.events().iter().filter(|e| e.starts_with("auth ") && e.ends_with(" ok")).count();
+    assert_eq!(ok, 1, "{:?}", server.events());
+    assert_eq!(server.message_count(), 1);
+}
+
 #[test]
 fn a_421_for_the_first_tries_then_the_email_arrives() {
     let server = SmtpServer::start(Options { tempfail: 2, ..Options::default() });
@@ -286,9 +332,9 @@ fn a_421_for_the_first_tries_then_the_email_arrives() {
 
 #[test]
 fn a_relay_that_is_down_then_up_gets_the_email() {
-    // Nothing listens on the port when the daemon starts: connection refused.
-    let port = free_port();
-    let d = Daemon::start(&smtp_config(port, ""));
+    // The relay greets every connection with 421 until it is brought up.
+    let server = SmtpServer::start(Options { down: true, ..Options::default() });
+    let d = Daemon::start(&smtp_config(server.port, ""));
     let mut subs = d.client();
     subscribe(&mut subs, "outage", &["alice@example.org".to_string()]);
     let id = publish(&mut d.client(), "outage", "the relay was down");
@@ -296,9 +342,11 @@ fn a_relay_that_is_down_then_up_gets_the_email() {
     // The log line comes just before the commit.
     let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 == 1);
     assert_eq!(state, "pending");
-    assert!(error.as_deref().is_some_and(|e| e.contains(&port.to_string())), "{error:?}");
+    let error = error.unwrap_or_default();
+    assert!(error.contains(&server.port.to_string()) && error.contains("421"), "{error}");
+    assert_eq!(server.message_count(), 0);
 
-    let server = SmtpServer::start(Options { port, ..Options::default() });
+    server.set_down(false);
     wait_messages(&server, 1, WAIT * 3);
     let rows = wait_outbox_final(&d, id, WAIT);
     assert_eq!(rows["alice@example.org"].0, "sent", "{rows:?}");
@@ -323,10 +371,11 @@ fn sigkill_of_the_mailer_in_the_middle_of_500_emails() {
     let first_mailer = *d.mailer_pids().last().expect("a mailer pid in the log");
     let id = publish(&mut d.client(), "big", "five hundred");
 
-    // Kill it once some emails went out and most did not.
-    let got = wait_messages(&server, 10, WAIT * 3);
+    // Kill it once some emails went out. The connections open at the kill are the first
+    // mailer's: the later ones are its successor's.
+    wait_messages(&server, 10, WAIT * 3);
+    let conns_at_kill = server.connections() as u32;
     util::signal(first_mailer, libc::SIGKILL);
-    assert!(got < 500, "all 500 went out before the kill ({got}): the test tested nothing");
     d.wait_log(|l| l.contains("notifd-mailer 1 lost"), WAIT);
     d.wait_log(|l| l.contains("notifd-mailer 1 restarted"), WAIT);
     let second_mailer = *d.mailer_pids().last().unwrap();
@@ -341,15 +390,19 @@ fn sigkill_of_the_mailer_in_the_middle_of_500_emails() {
         "{:?}",
         rows.values().find(|r| r.0 != "sent")
     );
+    let received = server.received();
+    let before = received.iter().filter(|r| r.conn <= conns_at_kill).count();
+    assert!(before < 500, "all 500 went out before the kill: the test tested nothing");
+    assert!(received.iter().any(|r| r.conn > conns_at_kill), "the next mailer sent nothing");
     let dups: usize = seen.values().map(|n| n - 1).sum();
-    println!("500 emails across a mailer kill after {got}: {dups} sent twice");
+    println!("500 emails across a mailer kill after {before}: {dups} sent twice");
 }
 
 #[test]
 fn sigkill_of_the_whole_daemon_with_emails_pending() {
     // The relay is down at first: the emails stay pending.
-    let port = free_port();
-    let mut d = Daemon::start(&smtp_config(port, ""));
+    let server = SmtpServer::start(Options { down: true, ..Options::default() });
+    let mut d = Daemon::start(&smtp_config(server.port, ""));
     let people = addresses("p", 3);
     let mut subs = d.client();
     subscribe(&mut subs, "crash", &people);
@@ -365,7 +418,7 @@ fn sigkill_of_the_whole_daemon_with_emails_pending() {
         assert!(rows.values().all(|(s, _, _)| s == "pending" || s == "sending"), "{rows:?}");
     }
 
-    let server = SmtpServer::start(Options { port, ..Options::default() });
+    server.set_down(false);
     d.restart();
     wait_messages(&server, 6, WAIT * 3);
     for id in ids {
@@ -505,30 +558,49 @@ fn kill_mailer(d: &Daemon) -> i32 {
 #[test]
 fn emails_taken_while_the_mailer_is_down_are_not_stranded() {
     let server = SmtpServer::start(Options::default());
-    let d = Daemon::start(&smtp_config(server.port, ""));
+    // The store waits for the test's write lock below for up to store_timeout / 2.
+    let d = Daemon::start(&smtp_config(server.port, "store_timeout = 120\n"));
     let everyone = addresses("user", 500);
     let mut subs = d.client();
     subscribe(&mut subs, "big", &everyone);
-    // Quick deaths double the restart delay: after these four, the next death keeps
-    // the mailer down for 1.6 s.
-    for _ in 0..4 {
+    // Quick deaths double the restart delay: after these five, the next death keeps
+    // the mailer down for 3.2 s.
+    for _ in 0..5 {
         kill_mailer(&d);
     }
 
-    // Hold the database's write lock: the store waits (busy_timeout) with what comes next.
     let lock = rusqlite::Connection::open(d.path("db/notifd.db")).unwrap();
     let id = publish(&mut d.client(), "big", "stranded?");
-    // The mailer got its first 256 and is sending them: from now on its reports (every
-    // 50) and the TakeMail that follows the first of them wait for the store.
+    // The mailer got its first 256 and is sending them. Stopped, it sends at most the
+    // one message already on the wire while the test takes the database's write lock.
     wait_messages(&server, 1, WAIT * 3);
+    let mailer = *d.mailer_pids().last().unwrap();
+    util::signal(mailer, libc::SIGSTOP);
+    let at_lock = server.message_count() + 1;
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    wait_messages(&server, 160, WAIT * 3);
+    util::signal(mailer, libc::SIGCONT);
+    // It reports every 50: past one more report, that report and the TakeMail that
+    // follows it wait for the store, which waits for the lock.
+    let kill_at = at_lock + 50 + 10;
+    assert!(kill_at <= 256, "{at_lock} sent before the lock: no report left to hold up");
+    wait_messages(&server, kill_at, WAIT * 3);
+    let pending = |db: &rusqlite::Connection| -> i64 {
+        db.query_row("SELECT count(*) FROM outbox WHERE state = 'pending'", [], |r| r.get(0)).unwrap()
+    };
+    let pending_at_kill = pending(&lock);
     let losses = d.log_count("notifd-mailer 1 lost");
-    util::signal(*d.mailer_pids().last().unwrap(), libc::SIGKILL);
+    util::signal(mailer, libc::SIGKILL);
     d.wait_log_count("notifd-mailer 1 lost", losses + 1, WAIT);
     let restarts = d.log_count("notifd-mailer 1 restarted");
-    // The store answers the TakeMail now, while no mailer is up.
     lock.execute_batch("COMMIT").unwrap();
+    // The store answers the TakeMail now: the emails it leases leave 'pending' while no
+    // mailer is up.
+    util::wait_until("the store leasing emails", WAIT, || pending(&d.db()) < pending_at_kill);
+    assert_eq!(
+        d.log_count("notifd-mailer 1 restarted"),
+        restarts,
+        "the mailer was back before the store answered: the test tested nothing"
+    );
     d.wait_log_count("notifd-mailer 1 restarted", restarts + 1, WAIT);
 
     wait_recipients(&server, &everyone, Duration::from_secs(60));
