@@ -5,6 +5,7 @@
 //! for a fixed time: the machines are shared and slow.
 
 #![allow(dead_code)]
+pub mod extra;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
