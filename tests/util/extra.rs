@@ -112,10 +112,12 @@ pub fn in_new_netns<T: Send + 'static>(
 }
 
 /// A notifd that the test starts itself, with extra arguments and an open-files limit,
-/// logging to a file in its folder (`Daemon` cannot pass either).
+/// logging to a file in its folder (`Daemon` cannot pass either). What it says before
+/// its log is open goes to a second file, read as part of the log.
 pub struct LoggedDaemon {
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
+    stderr: PathBuf,
     pub listen: SocketAddr,
     child: Option<Child>,
 }
@@ -126,9 +128,11 @@ impl LoggedDaemon {
     pub fn start(extra_config: &str, args: &[&str], nofile: Option<u64>) -> LoggedDaemon {
         let dir = tempfile::Builder::new().prefix("notifd-test-").tempdir().expect("temporary folder");
         let log = dir.path().join("notifd.log");
+        let stderr = dir.path().join("stderr");
         let conf = super::write_config(dir.path(), &format!("log = {:?}\n{extra_config}", log.display()));
         let mut cmd = Command::new(super::bin());
-        cmd.arg("-c").arg(&conf).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.arg("-c").arg(&conf).args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(&stderr).expect("create the stderr file"));
         if let Some(n) = nofile {
             // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
             unsafe {
@@ -142,16 +146,19 @@ impl LoggedDaemon {
             }
         }
         let child = cmd.spawn().expect("start notifd");
-        let mut d = LoggedDaemon { dir, log, listen: "127.0.0.1:0".parse().unwrap(), child: Some(child) };
+        let mut d =
+            LoggedDaemon { dir, log, stderr, listen: "127.0.0.1:0".parse().unwrap(), child: Some(child) };
         let line = d.wait_log(|l| l.contains("listening on "), WAIT);
         let addr = line.rsplit("listening on ").next().unwrap().trim();
         d.listen = addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?} in the log: {e}"));
         d
     }
 
-    /// The log so far, line by line.
+    /// The log so far, line by line: standard error first, then the log file.
     pub fn log_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(str::to_string).collect()
+        let mut text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        text.push_str(&std::fs::read_to_string(&self.log).unwrap_or_default());
+        text.lines().map(str::to_string).collect()
     }
 
     /// Waits (bounded) until a log line satisfies `pred`; returns it. Panics at the timeout.
@@ -166,6 +173,25 @@ impl LoggedDaemon {
                 panic!("notifd exited ({st}) before the awaited log line");
             }
             assert!(Instant::now() < deadline, "no such log line within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    /// Rewrites the configuration (defaults, the log file, then `extra_config`), sends
+    /// SIGHUP and waits for the reload's log line.
+    pub fn reload(&mut self, extra_config: &str) {
+        let done = |l: &str| l.contains("configuration reloaded");
+        let before = self.log_lines().iter().filter(|l| done(l)).count();
+        super::write_config(self.dir.path(), &format!("log = {:?}\n{extra_config}", self.log.display()));
+        signal(self.pid(), libc::SIGHUP);
+        let deadline = Instant::now() + WAIT;
+        while self.log_lines().iter().filter(|l| done(l)).count() <= before {
+            assert!(Instant::now() < deadline, "no reload within {WAIT:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
