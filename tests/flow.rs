@@ -87,17 +87,15 @@ fn a_sub_answered_unavailable_keeps_its_live_subscription() {
     assert!(ok.starts_with("+OK PUB ") && ok.ends_with(" 1"), "{ok:?}");
 }
 
-/// A client bound to `from`, connected to `to`: its greeting line.
-fn greeting_from(from: &str, to: SocketAddr) -> String {
+/// A client bound to `from`, connected to `to`, and its first line.
+fn connect_from(from: &str, to: SocketAddr) -> (Client, String) {
     let s = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
     let from: SocketAddr = format!("[{from}]:0").parse().unwrap();
     s.bind(&from.into()).unwrap();
     s.connect_timeout(&to.into(), WAIT).unwrap();
     let mut c = Client::from_stream(s.into());
-    let l = c.line();
-    // Held open until the test ends, so that it counts against the limit.
-    std::mem::forget(c);
-    l
+    let first = c.line();
+    (c, first)
 }
 
 #[test]
@@ -106,10 +104,12 @@ fn max_clients_per_ip_counts_ipv6_clients_by_their_64() {
     let ran = extra::in_new_netns(ADDRS, || {
         let d = Daemon::start("host = \"::\"\nmax_clients_per_ip = 1");
         let to = SocketAddr::from(("fd00:1::1".parse::<std::net::Ipv6Addr>().unwrap(), d.port));
-        assert!(greeting_from("fd00:1::1", to).starts_with("HELLO "));
-        let same_64 = greeting_from("fd00:1::2", to);
-        util::check_err(&same_64, "BUSY");
-        assert!(greeting_from("fd00:2::1", to).starts_with("HELLO "), "another /64 is another client");
+        let (_first, hello) = connect_from("fd00:1::1", to);
+        assert!(hello.starts_with("HELLO "), "{hello:?}");
+        let (_same_64, busy) = connect_from("fd00:1::2", to);
+        util::check_err(&busy, "BUSY");
+        let (_other_64, hello) = connect_from("fd00:2::1", to);
+        assert!(hello.starts_with("HELLO "), "another /64 is another client: {hello:?}");
     });
     if let Err(why) = ran {
         extra::skip("max_clients_per_ip_counts_ipv6_clients_by_their_64", &why);

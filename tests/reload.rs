@@ -72,13 +72,19 @@ fn restart_only_keys_warn_and_keep_their_running_values() {
     assert!(!d.log_has("notifd-mailer 2"), "a reload started more mailers");
 }
 
+/// Starts with mail_transport `from`, reloads with `to` (the warning checked), then
+/// publishes to a subscribed address.
+fn flip_mail_and_publish(from: &str, to: &str) -> Daemon {
+    let d = Daemon::start(&format!("mail_transport = \"{from}\""));
+    reload(&d, &format!("mail_transport = \"{to}\""));
+    assert!(d.log_has("turning mail_transport on or off takes effect at the next restart"));
+    sub_and_pub(&mut d.client());
+    d
+}
+
 #[test]
 fn turning_mail_on_waits_for_a_restart() {
-    let d = Daemon::start("mail_transport = \"none\"");
-    reload(&d, "mail_transport = \"spool\"");
-    assert!(d.log_has("turning mail_transport on or off takes effect at the next restart"));
-    let mut c = d.client();
-    sub_and_pub(&mut c);
+    let d = flip_mail_and_publish("none", "spool");
     // The +OK PUB came after the commit: nothing was queued with it.
     assert_eq!(outbox_rows(&d), 0, "a reload turned mail on");
     assert!(!d.log_has("notifd-mailer"), "a reload started a mailer");
@@ -86,11 +92,7 @@ fn turning_mail_on_waits_for_a_restart() {
 
 #[test]
 fn turning_mail_off_waits_for_a_restart() {
-    let d = Daemon::start("mail_transport = \"spool\"");
-    reload(&d, "mail_transport = \"none\"");
-    assert!(d.log_has("turning mail_transport on or off takes effect at the next restart"));
-    let mut c = d.client();
-    sub_and_pub(&mut c);
+    let d = flip_mail_and_publish("spool", "none");
     assert_eq!(outbox_rows(&d), 1, "a reload turned mail off");
     util::wait_until("the email in the spool", WAIT, || emails_in(&d.path("spool")) == 1);
 }
