@@ -87,7 +87,10 @@ fn hanging_sendmail(dir: &std::path::Path) -> std::path::PathBuf {
     let runs = dir.join("runs");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho run >> '{}'\nexec tail -f /dev/null --pid=$PPID\n", runs.display()),
+        format!(
+            "#!/bin/sh\necho run >> '{}'\nwhile kill -0 $PPID 2>/dev/null; do sleep 1; done\n",
+            runs.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
