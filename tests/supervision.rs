@@ -78,6 +78,13 @@ fn a_request_through_two_store_deaths_is_answered_unavailable() {
     // The third store works, and the connection goes on.
     c.cmd("SUB ev2 a@example.com");
     c.expect("+OK SUB ev2");
+    // The given-up SUB was not sent to the third store.
+    let events: Vec<String> = {
+        let db = d.db();
+        let mut st = db.prepare("SELECT event FROM subscriptions ORDER BY event").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    assert_eq!(events, ["ev2"]);
 }
 
 /// A `sendmail` that takes the message and never answers, so that a mailer holds its

@@ -115,9 +115,12 @@ pub fn in_new_netns<T: Send + 'static>(
 /// logging to a file in its folder (`Daemon` cannot pass either). What it says before
 /// its log is open goes to a second file, read as part of the log.
 pub struct LoggedDaemon {
+    /// Its folder: configuration, database, log.
     pub dir: tempfile::TempDir,
+    /// The log file (the `log` key).
     pub log: PathBuf,
     stderr: PathBuf,
+    /// Where it listens, as given in its log.
     pub listen: SocketAddr,
     child: Option<Child>,
 }
