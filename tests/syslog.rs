@@ -133,10 +133,18 @@ fn detached_v_sends_debug_lines_to_syslog() {
         Ok(d) => d,
         Err(why) => return extra::skip("detached_v_sends_debug_lines_to_syslog", &why),
     };
-    connect_and_reload(&mut d);
+    let port = d.port();
+    let mut c = Client::connect(([127, 0, 0, 1], port).into());
+    c.cmd("PING");
+    c.expect("PONG");
     let l = d.wait_for(": connected");
     assert!(l.starts_with(&daemon_prio(libc::LOG_DEBUG)), "{l:?}");
     assert!(l.contains("reactor: 127.0.0.1:"), "{l:?}");
+    // The store logs there too, under its own pid and role: its last line, at a stop.
+    util::signal(d.pid, libc::SIGTERM);
+    let l = d.wait_for("store: reactor closed the pipe; exiting");
+    assert!(l.starts_with(&daemon_prio(libc::LOG_DEBUG)) && l.contains("notifd["), "{l:?}");
+    assert!(!l.contains(&format!("notifd[{}]", d.pid)), "the store logged under the parent's pid: {l:?}");
 }
 
 /// Whether the log has a line of `level` after a client's round trip (which the
@@ -157,4 +165,16 @@ fn each_v_logs_one_level_more() {
     // From warn, -vv reaches debug too ("listening on" is info: the start waited for it).
     let two = LoggedDaemon::start("log_level = \"warn\"", &["-vv"], None);
     assert!(logs_at(&two, "debug"), "no debug lines with -vv over warn");
+}
+
+#[test]
+#[ignore = "bug: a reload rereads log_level without the -v raise (the log says \"changed log_level\")"]
+fn v_still_counts_after_a_reload() {
+    let mut d = LoggedDaemon::start("log_level = \"info\"", &["-v"], None);
+    d.reload("log_level = \"info\"");
+    assert!(
+        !d.log_lines().iter().any(|l| l.contains("configuration reloaded: changed log_level")),
+        "an unchanged file changed the level"
+    );
+    assert!(logs_at(&d, "debug"), "no debug lines with -v after a reload");
 }
