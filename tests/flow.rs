@@ -131,24 +131,37 @@ fn tcp_keepalive_zero_turns_it_off() {
     assert_eq!(extra::keepalive_timer(&c, d.port), None);
 }
 
-#[test]
-fn max_clients_is_lowered_to_fit_the_open_files_limit() {
-    // 200 descriptors, of which notifd keeps 32 + 2 per mailer for itself: 166 clients.
-    let mut d = LoggedDaemon::start("max_clients = 10000", &[], Some(200));
-    let warning = "max_clients 10000 does not fit under RLIMIT_NOFILE 200; lowered to 166";
-    d.wait_log(|l| l.contains(": warn: ") && l.contains(warning), WAIT);
-    let clients: Vec<Client> = (0..166).map(|_| d.client()).collect();
-    let mut extra = Client::connect_raw(SocketAddr::from(([127, 0, 0, 1], d.listen.port())));
-    assert_eq!(util::check_err(&extra.line(), "BUSY"), "too many connections");
-    drop(extra);
-    // A reload that raises it is lowered the same way; the clients stay connected.
-    d.reload("max_clients = 500");
-    let warning = "max_clients 500 does not fit under RLIMIT_NOFILE 200; lowered to 166";
-    d.wait_log(|l| l.contains(": warn: ") && l.contains(warning), WAIT);
-    let mut extra = Client::connect_raw(SocketAddr::from(([127, 0, 0, 1], d.listen.port())));
-    assert_eq!(util::check_err(&extra.line(), "BUSY"), "too many connections");
+/// Starts notifd with RLIMIT_NOFILE `nofile` and `max_clients` far above it: it takes
+/// `nofile` - 34 clients (32 descriptors for itself and 2 per mailer), also after a
+/// reload that raises `max_clients` again, and keeps the clients it has.
+fn max_clients_fits(nofile: u64) {
+    let fit = nofile - 34;
+    let mut d = LoggedDaemon::start("max_clients = 10000", &[], Some(nofile));
+    let warning = format!("max_clients 10000 does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}");
+    d.wait_log(|l| l.contains(": warn: ") && l.contains(&warning), WAIT);
+    let clients: Vec<Client> = (0..fit).map(|_| d.client()).collect();
+    let busy = |d: &LoggedDaemon| {
+        let mut extra = Client::connect_raw(SocketAddr::from(([127, 0, 0, 1], d.listen.port())));
+        assert_eq!(util::check_err(&extra.line(), "BUSY"), "too many connections");
+    };
+    busy(&d);
+    d.reload("max_clients = 5000");
+    let warning = format!("max_clients 5000 does not fit under RLIMIT_NOFILE {nofile}; lowered to {fit}");
+    d.wait_log(|l| l.contains(": warn: ") && l.contains(&warning), WAIT);
+    busy(&d);
     for mut c in clients {
         c.cmd("PING");
         c.expect("PONG");
     }
+}
+
+#[test]
+fn max_clients_is_lowered_to_fit_the_open_files_limit() {
+    max_clients_fits(200);
+}
+
+#[test]
+#[ignore = "bug: under RLIMIT_NOFILE 100 or less the store cannot start (spawn::keep_only duplicates its pipes to fd 100 and up)"]
+fn max_clients_is_lowered_to_fit_a_small_open_files_limit() {
+    max_clients_fits(64);
 }
