@@ -40,7 +40,7 @@ impl Reactor {
                 return;
             }
         };
-        let mail = match new.mail_settings() {
+        let mut mail = match new.mail_settings() {
             Ok(m) => m,
             Err(e) => {
                 log::error!("reload refused, keeping the running configuration: {e}");
@@ -66,6 +66,7 @@ impl Reactor {
         if (old.mail_transport == Transport::None) != (self.cfg.mail_transport == Transport::None) {
             log::warn!("reload: turning mail_transport on or off takes effect at the next restart");
             self.cfg.mail_transport = old.mail_transport;
+            mail.transport = old.mail_transport;
         }
         if self.cfg.publish_token != old.publish_token {
             // Connections that authenticated with the old token must AUTH again.

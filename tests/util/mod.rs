@@ -11,6 +11,7 @@
 //! [`skip`] for a test that cannot run here.
 
 #![allow(dead_code)]
+pub mod extra;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
