@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use util::Daemon;
+use util::{is_rfc3339_utc, Daemon};
 
 const NOTIF: &str = env!("CARGO_BIN_EXE_notif");
 /// Generous: the machines are shared.
@@ -144,28 +144,6 @@ fn wait_subscribed(port: u16, email: &str, event: &str) {
         assert!(Instant::now() < end, "{email} never subscribed to {event}");
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn is_rfc3339_utc(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 20
-        && b.iter().enumerate().all(|(i, c)| match i {
-            4 | 7 => *c == b'-',
-            10 => *c == b'T',
-            13 | 16 => *c == b':',
-            19 => *c == b'Z',
-            _ => c.is_ascii_digit(),
-        })
-}
-
-/// A port on 127.0.0.1 where connections are refused for as long as the socket lives:
-/// bound but not listening, so no other program can listen there meanwhile (a port
-/// found free and released could be taken by a parallel test).
-fn refusing_port() -> (socket2::Socket, u16) {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
-    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
-    (sock, port)
 }
 
 /// A TCP relay on a port of its own that forwards each connection to the daemon it is
@@ -331,7 +309,8 @@ fn server_errors_exit_1_with_the_line_on_stderr() {
 
 #[test]
 fn exit_3_when_nothing_listens() {
-    let (_held, port) = refusing_port();
+    let closed = util::ClosedPort::new();
+    let port = closed.port;
     let o = run(notif_cmd(&["-H", "127.0.0.1", "-p", &port.to_string(), "ping"]));
     assert_eq!(code(&o), 3, "{}", text(&o.stderr));
     assert!(!o.stderr.is_empty());
@@ -413,7 +392,8 @@ fn notif_variables_are_the_defaults_of_h_p_and_a() {
     watcher.cmd("SUB env.test w@example.com");
     watcher.expect("+OK SUB env.test");
     let port = d.port.to_string();
-    let (_held, refused) = refusing_port();
+    let closed = util::ClosedPort::new();
+    let refused = closed.port;
     let refused = refused.to_string();
     let publish = |env: &[(&str, &str)], opts: &[&str], text: &str| -> Output {
         let mut cmd = notif_cmd(opts);

@@ -7,11 +7,10 @@ mod util;
 #[path = "util/smtp.rs"]
 mod smtp;
 
-use mailparse::{MailHeaderMap, ParsedMail};
 use smtp::{Options, SmtpServer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use util::{Client, Daemon, WAIT};
+use util::{header, Client, Daemon, WAIT};
 
 const FROM: &str = "notifd@example.org";
 
@@ -52,14 +51,6 @@ fn subscribe(c: &mut Client, event: &str, emails: &[String]) {
     for _ in emails {
         c.expect(&format!("+OK SUB {event}"));
     }
-}
-
-/// Publishes from a connection that holds no subscription; returns the notification id.
-fn publish(c: &mut Client, event: &str, text: &str) -> u64 {
-    c.cmd(&format!("PUB {event} {text}"));
-    let line = c.line();
-    let rest = line.strip_prefix("+OK PUB ").unwrap_or_else(|| panic!("expected +OK PUB, got {line:?}"));
-    rest.split(' ').next().unwrap().parse().expect("notification id")
 }
 
 fn addresses(prefix: &str, n: usize) -> Vec<String> {
@@ -156,12 +147,6 @@ fn wait_outbox_final(
     }
 }
 
-fn header(mail: &ParsedMail, name: &str) -> String {
-    let all = mail.headers.get_all_values(name);
-    assert_eq!(all.len(), 1, "exactly one {name} header, got {all:?}");
-    all[0].clone()
-}
-
 fn created_at(d: &Daemon, id: u64) -> i64 {
     d.db().query_row("SELECT created_at FROM notifications WHERE id = ?1", [id as i64], |r| r.get(0)).unwrap()
 }
@@ -206,7 +191,7 @@ fn three_subscribers_get_one_email_each_and_another_event_none() {
 
     let mut publisher = d.client();
     let text = "build 1234 is live: Grüße aus Köln ✓";
-    let id = publish(&mut publisher, "deploy.prod", text);
+    let id = util::publish(&mut publisher, "deploy.prod", text).0;
     wait_messages(&server, 3, WAIT * 3);
 
     // Every row of that publication is final, so nothing more is coming for it.
@@ -251,7 +236,7 @@ fn starttls_with_the_ca_from_smtp_ca_file() {
     ));
     let mut subs = d.client();
     subscribe(&mut subs, "tls.test", &["alice@example.org".to_string()]);
-    let id = publish(&mut d.client(), "tls.test", "over TLS");
+    let id = util::publish(&mut d.client(), "tls.test", "over TLS").0;
     wait_messages(&server, 1, WAIT * 3);
     let received = server.received();
     assert!(received[0].tls, "the message came over STARTTLS");
@@ -268,7 +253,7 @@ fn starttls_that_the_relay_does_not_offer_is_a_failed_try() {
     let d = Daemon::start(&smtp_config(server.port, "smtp_tls = \"starttls\"\n"));
     let mut subs = d.client();
     subscribe(&mut subs, "tls.test", &["alice@example.org".to_string()]);
-    let id = publish(&mut d.client(), "tls.test", "not in plain text");
+    let id = util::publish(&mut d.client(), "tls.test", "not in plain text").0;
     d.wait_log(|l| l.contains("try 1 failed, next in") && l.contains("STARTTLS"), WAIT * 2);
     let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 2);
     assert_eq!(state, "pending");
@@ -294,7 +279,7 @@ fn the_smtp_password_file_is_reread_on_hup() {
     ));
     let mut subs = d.client();
     subscribe(&mut subs, "secret", &["alice@example.org".to_string()]);
-    let id = publish(&mut d.client(), "secret", "after the new password");
+    let id = util::publish(&mut d.client(), "secret", "after the new password").0;
     let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 >= 1);
     assert_eq!(state, "pending");
     assert!(error.as_deref().is_some_and(|e| e.contains("535")), "{error:?}");
@@ -317,7 +302,7 @@ fn a_421_for_the_first_tries_then_the_email_arrives() {
     let d = Daemon::start(&smtp_config(server.port, ""));
     let mut subs = d.client();
     subscribe(&mut subs, "outage", &["alice@example.org".to_string()]);
-    let id = publish(&mut d.client(), "outage", "after two 421s");
+    let id = util::publish(&mut d.client(), "outage", "after two 421s").0;
     // Retry delays: about 1 s, then about 2 s.
     wait_messages(&server, 1, WAIT * 3);
     let rows = wait_outbox_final(&d, id, WAIT);
@@ -337,7 +322,7 @@ fn a_relay_that_is_down_then_up_gets_the_email() {
     let d = Daemon::start(&smtp_config(server.port, ""));
     let mut subs = d.client();
     subscribe(&mut subs, "outage", &["alice@example.org".to_string()]);
-    let id = publish(&mut d.client(), "outage", "the relay was down");
+    let id = util::publish(&mut d.client(), "outage", "the relay was down").0;
     d.wait_log(|l| l.contains("try 1 failed, next in"), WAIT * 2);
     // The log line comes just before the commit.
     let (state, _, error) = wait_row(&d, id, "alice@example.org", |r| r.1 == 1);
@@ -369,7 +354,7 @@ fn sigkill_of_the_mailer_in_the_middle_of_500_emails() {
     let mut subs = d.client();
     subscribe(&mut subs, "big", &everyone);
     let first_mailer = *d.mailer_pids().last().expect("a mailer pid in the log");
-    let id = publish(&mut d.client(), "big", "five hundred");
+    let id = util::publish(&mut d.client(), "big", "five hundred").0;
 
     // Kill it once some emails went out. The connections open at the kill are the first
     // mailer's: the later ones are its successor's.
@@ -407,7 +392,10 @@ fn sigkill_of_the_whole_daemon_with_emails_pending() {
     let mut subs = d.client();
     subscribe(&mut subs, "crash", &people);
     let mut publisher = d.client();
-    let ids = [publish(&mut publisher, "crash", "first"), publish(&mut publisher, "crash", "second")];
+    let ids = [
+        util::publish(&mut publisher, "crash", "first").0,
+        util::publish(&mut publisher, "crash", "second").0,
+    ];
     d.wait_log(|l| l.contains("try 1 failed, next in"), WAIT * 2);
     wait_row(&d, ids[0], &people[0], |r| r.1 >= 1);
     drop((subs, publisher));
@@ -450,7 +438,7 @@ fn the_spool_transport_writes_parseable_eml_files() {
     let mut subs = d.client();
     subscribe(&mut subs, "spooled", &people);
     let text = "spooled — ünïcode";
-    let id = publish(&mut d.client(), "spooled", text);
+    let id = util::publish(&mut d.client(), "spooled", text).0;
     let rows = wait_outbox_final(&d, id, WAIT * 3);
     assert!(rows.values().all(|(s, _, _)| s == "sent"), "{rows:?}");
 
@@ -507,7 +495,7 @@ fn a_5xx_is_given_up_at_once() {
     let people = vec!["bounce@example.org".to_string(), "ok@example.org".to_string()];
     let mut subs = d.client();
     subscribe(&mut subs, "hard", &people);
-    let id = publish(&mut d.client(), "hard", "one bounces");
+    let id = util::publish(&mut d.client(), "hard", "one bounces").0;
     let rows = wait_outbox_final(&d, id, WAIT * 3);
     let (state, tries, error) = &rows["bounce@example.org"];
     assert_eq!((state.as_str(), *tries), ("failed", 1), "{rows:?}");
@@ -531,7 +519,7 @@ fn throughput_of_a_thousand_pending_emails_through_the_daemon() {
     subscribe(&mut subs, "bench", &everyone);
     let mut publisher = d.client();
     let start = Instant::now();
-    publish(&mut publisher, "bench", "throughput");
+    util::publish(&mut publisher, "bench", "throughput");
     let committed = start.elapsed();
     wait_messages(&server, 1000, LONG);
     let elapsed = start.elapsed();
@@ -570,7 +558,7 @@ fn emails_taken_while_the_mailer_is_down_are_not_stranded() {
     }
 
     let lock = rusqlite::Connection::open(d.path("db/notifd.db")).unwrap();
-    let id = publish(&mut d.client(), "big", "stranded?");
+    let id = util::publish(&mut d.client(), "big", "stranded?").0;
     // The mailer got its first 256 and is sending them. Stopped, it sends at most the
     // one message already on the wire while the test takes the database's write lock.
     wait_messages(&server, 1, WAIT * 3);
@@ -622,7 +610,7 @@ fn long_texts_to_many_addresses_cross_the_pipes_in_batches() {
     subscribe(&mut subs, "long", &people);
     // 40 emails of 60,000 bytes: 2.4 MB of jobs, over the 1 MiB record maximum.
     let text = "x".repeat(60_000);
-    let id = publish(&mut d.client(), "long", &text);
+    let id = util::publish(&mut d.client(), "long", &text).0;
     let rows = wait_outbox_final(&d, id, WAIT * 3);
     assert_eq!(rows.len(), 40);
     assert!(rows.values().all(|(s, _, _)| s == "sent"), "{rows:?}");

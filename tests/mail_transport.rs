@@ -1,6 +1,8 @@
 //! The mail transports against real receivers: an SMTP server (`util/smtp.rs`, started
 //! per test on a loopback port), a sendmail stand-in script, and a spool folder.
 
+mod util;
+
 #[path = "util/smtp.rs"]
 mod smtp;
 
@@ -9,6 +11,7 @@ use notifd::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Trans
 use notifd::transport::{spool_file_name, Mailer};
 use smtp::{Options, SmtpServer};
 use std::time::{Duration, Instant};
+use util::header;
 
 const FROM: &str = "notifd@example.org";
 
@@ -56,12 +59,6 @@ fn assert_matches_jobs(results: &[MailResult], jobs: &[MailJob]) {
 
 fn all_sent(results: &[MailResult]) -> bool {
     results.iter().all(|r| r.outcome == MailOutcome::Sent)
-}
-
-fn header(mail: &ParsedMail, name: &str) -> String {
-    let all = mail.headers.get_all_values(name);
-    assert_eq!(all.len(), 1, "exactly one {name} header, got {all:?}");
-    all[0].clone()
 }
 
 fn body(mail: &ParsedMail) -> String {
@@ -271,7 +268,11 @@ fn a_relay_that_closes_after_some_messages_gets_a_new_connection() {
 #[test]
 fn a_dead_relay_gives_retry_at_once_for_the_whole_batch() {
     // Nothing listens there, and the held socket keeps the port from other tests.
-    let (_held, port) = smtp::refusing_port();
+    let (_held, port) = {
+        let p = util::ClosedPort::new();
+        let port = p.port;
+        (p, port)
+    };
     let mut mailer = Mailer::new(&settings(Transport::Smtp, port)).unwrap();
     let batch = jobs(50);
     let start = Instant::now();

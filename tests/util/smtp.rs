@@ -8,7 +8,7 @@
 use mailin::{response, Action, AuthMechanism, Handler, Response, Session, SessionBuilder};
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -403,16 +403,6 @@ impl Handler for Conn {
     fn auth_login(&mut self, username: &str, password: &str) -> Response {
         self.authenticate(username, password)
     }
-}
-
-/// A loopback port that refuses connections for as long as the returned socket lives:
-/// the socket holds the port (bound, never listening), so no other test can take it.
-pub fn refusing_port() -> (socket2::Socket, u16) {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
-    let port = socket.local_addr().unwrap().as_socket().expect("an IP address").port();
-    (socket, port)
 }
 
 /// A test CA and a certificate for `localhost` signed by it, as PEM files in `dir`:
