@@ -14,7 +14,7 @@ use nix::unistd::{ForkResult, Gid, Uid, User};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -155,7 +155,11 @@ pub fn write_pid_file(path: &Path) -> Result<(), String> {
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .and_then(|mut f| {
+            // Readable by everyone, as pid files are, whatever the umask.
+            f.set_permissions(fs::Permissions::from_mode(0o644))?;
+            f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        })
         .and_then(|_| fs::rename(&tmp, path))
         .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))
 }

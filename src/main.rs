@@ -168,9 +168,12 @@ fn serve(
     }
     let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
     if let Err(e) = r.wait_store(std::time::Duration::from_secs(30)) {
-        // The store said why in the log, which may be a syslog nobody reads (or none
-        // at all on a minimal host): find out again, for the terminal.
-        return Err(match daemon::store_failure(&database, &store_settings) {
+        // A store that exited said why in the log, which may be a syslog nobody reads
+        // (or none at all on a minimal host): find out again, for the terminal. One
+        // that is merely slow still holds the database; asking again would only blame
+        // its lock.
+        let exited = e.contains("exited");
+        return Err(match exited.then(|| daemon::store_failure(&database, &store_settings)).flatten() {
             Some(why) => fatal(format!("{}: {why}", e.replace(" (the log says why)", ""))),
             None => fatal(e),
         });

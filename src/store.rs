@@ -69,8 +69,12 @@ pub fn lock(db_path: &Path, wait: Duration) -> Result<std::fs::File, StoreError>
     let deadline = Instant::now() + wait;
     loop {
         // SAFETY: flock on a descriptor owned by `file`.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } == 0
-        {
+        let locked =
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked == 0 {
+            // For whoever finds the lock taken: which process holds it.
+            let pid = format!("{}\n", std::process::id());
+            let _ = file.set_len(0).and_then(|()| (&file).write_all(pid.as_bytes()));
             return Ok(file);
         }
         let e = io::Error::last_os_error();
@@ -78,9 +82,11 @@ pub fn lock(db_path: &Path, wait: Duration) -> Result<std::fs::File, StoreError>
             return Err(StoreError(format!("cannot lock {}: {e}", path.display())));
         }
         if Instant::now() >= deadline {
+            let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
             return Err(StoreError(format!(
-                "database {} is in use by another notifd (it holds {}); one database, one daemon",
+                "database {} is in use by another notifd ({} holds {}); one database, one daemon",
                 db_path.display(),
+                holder.map_or("a process".to_string(), |pid| format!("pid {pid}")),
                 path.display()
             )));
         }

@@ -42,10 +42,6 @@ fn quoted(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-fn mode(p: &Path) -> u32 {
-    std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).mode() & 0o7777
-}
-
 /// Runs a command that must end by itself, bounded: (exit code, stdout, stderr). A
 /// command still running after the bound (a daemon that should have refused to start)
 /// is killed with its children and fails the test.
@@ -534,7 +530,8 @@ fn a_second_daemon_on_the_same_database_refuses_to_start() {
     let conf = util::write_config(dir.path(), &format!("database = {}", quoted(&d.path("db/notifd.db"))));
     let (code, _, err) = run_bounded(Command::new(util::bin()).arg("-c").arg(&conf));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("in use by another notifd"), "{err}");
+    let holder = format!("pid {} holds", d.store_pid());
+    assert!(err.contains("in use by another notifd") && err.contains(&holder), "{err}");
     // The first one is unharmed.
     let mut c = d.client();
     c.cmd("SUB lock a@example.org");
