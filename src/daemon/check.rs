@@ -128,7 +128,8 @@ fn existing_part(path: &Path) -> Result<&Path, String> {
         }
         p = match p.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
+            _ if p != Path::new(".") => Path::new("."),
+            _ => return Err(format!("no folder of {} exists", path.display())),
         };
     }
 }
@@ -251,5 +252,39 @@ fn log_file(path: &Path, root_makes: bool) -> Result<(), String> {
                 writable(dir)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_existing_part_stops_at_a_file_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("blocker"), "x").unwrap();
+        assert_eq!(existing_part(&root.join("a/b/c.db")).unwrap(), root);
+        assert_eq!(existing_part(&root.join("blocker")).unwrap(), root.join("blocker"));
+        let e = existing_part(&root.join("blocker/x/c.db")).unwrap_err();
+        assert!(e.ends_with("blocker is a file, not a folder"), "{e}");
+    }
+
+    #[test]
+    fn uri_paths_escape_what_a_uri_would_read() {
+        assert_eq!(uri_path(Path::new("/a b/c?d#e%f.db")), "/a%20b/c%3Fd%23e%25f.db");
+    }
+
+    #[test]
+    fn tables_are_read_without_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE b(x); CREATE TABLE a(x);").unwrap();
+        drop(db);
+        let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(tables(&path).unwrap(), ["a", "b"]);
+        let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(before, after);
     }
 }
