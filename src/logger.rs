@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 struct State {
@@ -25,8 +25,9 @@ enum Sink {
 
 static STATE: Mutex<State> = Mutex::new(State { role: "reactor", target: Sink::Stderr });
 
-/// The uid and gid (`uid << 32 | gid`) a log file must belong to; -1: the process's own.
-static OWNER: AtomicI64 = AtomicI64::new(-1);
+/// The uid and gid (`uid << 32 | gid`) a log file must belong to; `u64::MAX`: the
+/// process's own.
+static OWNER: AtomicU64 = AtomicU64::new(u64::MAX);
 
 struct Logger;
 
@@ -104,7 +105,7 @@ pub fn configure(target: &LogTarget, level: log::LevelFilter) -> std::io::Result
 /// The user a log file must belong to: the one notifd runs as once privileges are
 /// dropped. Set by a root parent before it opens the log; inherited by its children.
 pub fn set_owner(uid: nix::unistd::Uid, gid: nix::unistd::Gid) {
-    OWNER.store(i64::from(uid.as_raw()) << 32 | i64::from(gid.as_raw()), Ordering::Relaxed);
+    OWNER.store(u64::from(uid.as_raw()) << 32 | u64::from(gid.as_raw()), Ordering::Relaxed);
 }
 
 /// Opens the log file for appending, creating it (0640) if missing. Never follows a
@@ -113,7 +114,7 @@ pub fn set_owner(uid: nix::unistd::Uid, gid: nix::unistd::Gid) {
 /// notifd can never be made to hand someone else's file to its service account.
 pub fn open_file(path: &Path) -> std::io::Result<File> {
     let owner = OWNER.load(Ordering::Relaxed);
-    let (uid, gid) = if owner < 0 {
+    let (uid, gid) = if owner == u64::MAX {
         (nix::unistd::geteuid(), nix::unistd::getegid())
     } else {
         (nix::unistd::Uid::from_raw((owner >> 32) as u32), nix::unistd::Gid::from_raw(owner as u32))

@@ -138,21 +138,35 @@ impl Mailer {
     pub fn send_batch(&mut self, jobs: &[MailJob]) -> Vec<MailResult> {
         match &mut self.sink {
             Sink::Smtp(relay) => relay.send_batch(&self.from, jobs),
-            Sink::Sendmail(sendmail) => jobs
-                .iter()
-                .map(|job| {
-                    let outcome = match compose(&self.from, job) {
-                        Ok(message) => match sendmail.send(message.envelope(), &message.formatted()) {
-                            Ok(()) => MailOutcome::Sent,
-                            // Temporary (EX_TEMPFAIL) and permanent failures are not told
-                            // apart; the outbox's try limit bounds the retries.
-                            Err(e) => MailOutcome::Retry(one_line(&format!("sendmail: {e}"))),
-                        },
-                        Err(e) => MailOutcome::Fail(one_line(&e.to_string())),
-                    };
-                    result(job, outcome)
-                })
-                .collect(),
+            Sink::Sendmail(sendmail) => {
+                // After one run overran, the rest wait for a later batch rather than
+                // each costing another full timeout on a wedged mail system.
+                let mut hung: Option<String> = None;
+                jobs.iter()
+                    .map(|job| {
+                        let outcome = match (&hung, compose(&self.from, job)) {
+                            (Some(why), _) => MailOutcome::Retry(one_line(&format!("not tried: {why}"))),
+                            (None, Ok(message)) => {
+                                match sendmail.send(message.envelope(), &message.formatted()) {
+                                    Ok(()) => MailOutcome::Sent,
+                                    // Temporary (EX_TEMPFAIL) and permanent failures are not
+                                    // told apart; the outbox's try limit bounds the retries.
+                                    Err(SendmailError::Failed(e)) => {
+                                        MailOutcome::Retry(one_line(&format!("sendmail: {e}")))
+                                    }
+                                    Err(SendmailError::TimedOut(e)) => {
+                                        let why = format!("sendmail: {e}");
+                                        hung = Some(why.clone());
+                                        MailOutcome::Retry(one_line(&why))
+                                    }
+                                }
+                            }
+                            (None, Err(e)) => MailOutcome::Fail(one_line(&e.to_string())),
+                        };
+                        result(job, outcome)
+                    })
+                    .collect()
+            }
             Sink::Spool(dir) => jobs
                 .iter()
                 .map(|job| {
@@ -321,6 +335,14 @@ impl Relay {
     }
 }
 
+/// Why a sendmail run did not take an email.
+enum SendmailError {
+    /// It could not run, or exited with a failure.
+    Failed(String),
+    /// It ran past `sendmail_timeout` and was killed.
+    TimedOut(String),
+}
+
 /// The local sendmail program, run once per email and killed when it overruns.
 struct Sendmail {
     path: PathBuf,
@@ -331,7 +353,8 @@ impl Sendmail {
     /// Runs `sendmail -i -f FROM -- TO...` with `email` on its standard input. A run
     /// that takes longer than `timeout` is killed with its process group (a script's
     /// own children too), so a hung sendmail cannot wedge the mailer.
-    fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), String> {
+    fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), SendmailError> {
+        use SendmailError::Failed;
         let mut command = Command::new(&self.path);
         command.arg("-i");
         if let Some(from) = envelope.from() {
@@ -344,7 +367,7 @@ impl Sendmail {
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.path.display()))?;
+            .map_err(|e| Failed(format!("cannot run {}: {e}", self.path.display())))?;
         let pid = child.id() as i32;
         let (stdin, stderr) = (child.stdin.take(), child.stderr.take());
         // Writing, reading and waiting each block on the program; threads let one
@@ -364,13 +387,16 @@ impl Sendmail {
             let _ = done_tx.send(child.wait());
         });
         let status = match done_rx.recv_timeout(self.timeout) {
-            Ok(status) => status.map_err(|e| format!("wait: {e}"))?,
+            Ok(status) => status.map_err(|e| Failed(format!("wait: {e}")))?,
             Err(_) => {
                 // SAFETY: kill(2) of the process group this run created; its leader has
                 // not been reaped yet (the waiting thread holds it), so the id is ours.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
                 let _ = done_rx.recv();
-                return Err(format!("no exit within {} s; killed", self.timeout.as_secs()));
+                return Err(SendmailError::TimedOut(format!(
+                    "no exit within {} s; killed",
+                    self.timeout.as_secs()
+                )));
             }
         };
         let wrote = writer.join().ok().flatten();
@@ -378,12 +404,12 @@ impl Sendmail {
         let said = said_rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
         if status.success() {
             return match wrote {
-                Some(Err(e)) => Err(format!("it exited before taking the whole message: {e}")),
+                Some(Err(e)) => Err(Failed(format!("it exited before taking the whole message: {e}"))),
                 _ => Ok(()),
             };
         }
         let said = String::from_utf8_lossy(&said);
-        Err(format!("{status}: {}", said.trim()))
+        Err(Failed(format!("{status}: {}", said.trim())))
     }
 }
 
@@ -808,6 +834,27 @@ mod tests {
         assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+-%".contains(&b)));
         j.email = "é@x.org".into();
         assert_eq!(spool_file_name(&j), "42-%C3%A9@x.org.eml");
+    }
+
+    #[test]
+    fn a_sendmail_that_overruns_is_killed_and_the_rest_of_the_batch_waits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("sendmail");
+        fs::write(&script, "#!/bin/sh\ncat >/dev/null\nexec sleep 60\n").unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let sendmail = Sink::Sendmail(Sendmail { path: script, timeout: Duration::from_secs(1) });
+        let mut mailer = Mailer { from: parse_from("n@example.org").unwrap(), sink: sendmail };
+        let mut second = job("x");
+        second.id = 43;
+        let started = std::time::Instant::now();
+        let results = mailer.send_batch(&[job("x"), second]);
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert!(matches!(&results[0].outcome, MailOutcome::Retry(r) if r.contains("killed")), "{results:?}");
+        assert!(
+            matches!(&results[1].outcome, MailOutcome::Retry(r) if r.starts_with("not tried")),
+            "{results:?}"
+        );
     }
 
     #[test]
