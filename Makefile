@@ -1,7 +1,8 @@
 # notifd -- build, run, test and install.
 #
 #   make                    build the release binaries (target/release)
-#   make run                run notifd in the foreground from ./run, no root needed
+#   make run                run notifd in the foreground from ./run, no root
+#                           needed, listening on 127.0.0.1 only
 #   make test               fmt, clippy, cargo test, man page lint
 #   make install            install under $(DESTDIR)$(PREFIX) and $(SYSCONFDIR)
 #   make install-init       install the init script (INIT=sysv|openrc|systemd)
@@ -59,7 +60,9 @@ $(NOTIFD_BIN) $(NOTIF_BIN):
 	$(CARGO) build --release
 
 ## make run: a local configuration under ./run, regenerated only when the
-## example is newer, so local edits to run/notifd.conf survive.
+## example is newer, so local edits to run/notifd.conf survive. A development
+## run listens on 127.0.0.1 only (IPv4 loopback exists on every host, IPv6
+## may not); edit host in run/notifd.conf to be reached from elsewhere.
 
 run: build run/notifd.conf
 	mkdir -p run/db run/spool
@@ -71,7 +74,7 @@ run/notifd.conf: notifd.conf.example
 	    -e 's|^#spool_dir = .*|spool_dir = "spool"|' \
 	    -e 's|^#pid_file = .*|pid_file = "notifd.pid"|' \
 	    -e 's|^#mail_transport = .*|mail_transport = "spool"|' \
-	    -e 's|^#host = .*|host = "::"|' \
+	    -e 's|^#host = .*|host = "127.0.0.1"|' \
 	    -e 's|^#port = .*|port = 7600|' \
 	    notifd.conf.example > $@.tmp
 	mv $@.tmp $@

@@ -121,6 +121,10 @@ pub struct Config {
     pub log: Option<LogTarget>,
     /// The least important messages logged.
     pub log_level: log::LevelFilter,
+    /// `publish_token_file`: [`Config::load`] reads `publish_token` from its first line.
+    pub publish_token_file: Option<PathBuf>,
+    /// `sendmail_timeout`: seconds one sendmail run may take before it is killed.
+    pub sendmail_timeout: u32,
 }
 
 impl Default for Config {
@@ -159,6 +163,8 @@ impl Default for Config {
             pid_file: "/run/notifd/notifd.pid".into(),
             log: None,
             log_level: log::LevelFilter::Info,
+            publish_token_file: None,
+            sendmail_timeout: 60,
         }
     }
 }
@@ -200,6 +206,9 @@ impl Config {
                     std::path::absolute(&base).map_err(|e| err(format!("cannot resolve folder: {e}")))?;
                 let mut cfg = Config::parse(&text, &path.display().to_string(), &base)?;
                 cfg.file = Some(path.to_path_buf());
+                if let Some(token_file) = &cfg.publish_token_file {
+                    cfg.publish_token = read_token(token_file).map_err(err)?;
+                }
                 Ok(cfg)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing_ok => Ok(Config::default()),
@@ -327,6 +336,8 @@ impl Config {
                     other => return Err(one_of(key, other, "error, warn, info, debug or trace")),
                 }
             }
+            "publish_token_file" => self.publish_token_file = opt_path(v)?,
+            "sendmail_timeout" => self.sendmail_timeout = int(key, v, 1, 86_400)? as u32,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -354,6 +365,23 @@ impl Config {
         }
         if self.smtp_host.is_empty() {
             return Err(("smtp_host", "\"smtp_host\" must not be empty".into()));
+        }
+        if !self.publish_token.is_empty() && self.publish_token_file.is_some() {
+            return Err((
+                "publish_token_file",
+                "\"publish_token_file\" and \"publish_token\" are both set; keep one".into(),
+            ));
+        }
+        if !self.smtp_user.is_empty() && self.smtp_tls == SmtpTls::None && !is_loopback_host(&self.smtp_host)
+        {
+            return Err((
+                "smtp_user",
+                format!(
+                    "\"smtp_user\" with smtp_tls = \"none\" would send the password in the clear to \"{}\"; \
+                     use \"starttls\" or \"tls\"",
+                    self.smtp_host
+                ),
+            ));
         }
         Ok(())
     }
@@ -393,6 +421,8 @@ const KEYS: &[&str] = &[
     "pid_file",
     "log",
     "log_level",
+    "publish_token_file",
+    "sendmail_timeout",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -459,6 +489,58 @@ fn unquoted_string(line: &str, base: &Path) -> Option<String> {
     }
 }
 
+/// The first line of `publish_token_file`, held to the rules of `publish_token`.
+fn read_token(path: &Path) -> Result<String, String> {
+    let what = |msg: &str| format!("publish_token_file {}: {msg}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| what(&format!("cannot read: {e}")))?;
+    let token = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if token.is_empty() {
+        return Err(what("the first line is empty"));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(what("the token must not contain spaces or control characters"));
+    }
+    Ok(token.to_string())
+}
+
+/// `localhost`, a name under `.localhost` (RFC 6761) or a loopback address: a host
+/// whose traffic never leaves this machine. No name is resolved.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
+    let lower = host.to_ascii_lowercase();
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Tokens shorter than this draw a warning: guessable by a patient stranger.
+pub const SHORT_TOKEN: usize = 16;
+
+impl Config {
+    /// What is allowed but probably a mistake, one sentence each, for `-t` and the
+    /// start-up log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let token_len = self.publish_token.chars().count();
+        if token_len > 0 && token_len < SHORT_TOKEN {
+            out.push(format!(
+                "publish_token is {token_len} characters long; use at least {SHORT_TOKEN} random ones"
+            ));
+        }
+        let from_domain = self.mail_from.rsplit('@').next().unwrap_or("").trim_end_matches('>');
+        if self.mail_transport == Transport::Smtp
+            && is_loopback_host(from_domain)
+            && !is_loopback_host(&self.smtp_host)
+        {
+            out.push(format!(
+                "mail_from \"{}\" is at localhost while mail goes to {}; replies and bounces cannot reach it",
+                self.mail_from, self.smtp_host
+            ));
+        }
+        out
+    }
+}
+
 fn string(key: &str, v: &Value) -> Result<String, String> {
     match v {
         Value::String(s) => Ok(s.value().clone()),
@@ -516,6 +598,7 @@ impl Config {
             smtp_ca_pem,
             sendmail_path: self.sendmail_path.display().to_string(),
             spool_dir: self.spool_dir.display().to_string(),
+            sendmail_timeout: self.sendmail_timeout,
         })
     }
 }
@@ -748,5 +831,57 @@ log_level = "debug"
         assert_eq!(Config::load(p, true).unwrap(), Config::default());
         let e = Config::load(p, false).unwrap_err();
         assert!(e.to_string().starts_with("/nonexistent/notifd.conf: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn new_keys_and_their_rules() {
+        let c = parse("publish_token_file = \"token\"\nsendmail_timeout = 5\n").unwrap();
+        assert_eq!(c.publish_token_file.as_deref(), Some(Path::new("/etc/notifd/token")));
+        assert_eq!(c.sendmail_timeout, 5);
+        assert_eq!(Config::default().sendmail_timeout, 60);
+        assert!(error("sendmail_timeout = 0").contains("\"sendmail_timeout\" must be from 1"));
+        assert_eq!(
+            error("publish_token = \"abcdefghijklmnopq\"\npublish_token_file = \"t\"\n"),
+            "test.conf line 2: \"publish_token_file\" and \"publish_token\" are both set; keep one"
+        );
+        let cleartext = error("smtp_host = \"mx.example.org\"\n\nsmtp_user = \"u\"\n");
+        assert!(
+            cleartext.starts_with("test.conf line 3: \"smtp_user\" with smtp_tls = \"none\""),
+            "{cleartext}"
+        );
+        for host in ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]", "mail.localhost"] {
+            assert!(parse(&format!("smtp_host = {host:?}\nsmtp_user = \"u\"")).is_ok(), "{host}");
+        }
+        assert!(parse("smtp_host = \"mx.example.org\"\nsmtp_user = \"u\"\nsmtp_tls = \"tls\"").is_ok());
+    }
+
+    #[test]
+    fn token_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("notifd.conf");
+        std::fs::write(&conf, "publish_token_file = \"token\"\n").unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "0123456789abcdefXYZ\r\nsecond line\n").unwrap();
+        assert_eq!(Config::load(&conf, false).unwrap().publish_token, "0123456789abcdefXYZ");
+        std::fs::write(&token, "\nlater\n").unwrap();
+        assert!(Config::load(&conf, false).unwrap_err().to_string().contains("the first line is empty"));
+        std::fs::write(&token, "").unwrap();
+        assert!(Config::load(&conf, false).unwrap_err().to_string().contains("the first line is empty"));
+        std::fs::write(&token, "a b\n").unwrap();
+        assert!(Config::load(&conf, false).is_err());
+        std::fs::remove_file(&token).unwrap();
+        let e = Config::load(&conf, false).unwrap_err().to_string();
+        assert!(e.contains("publish_token_file") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn warnings_for_short_tokens_and_a_localhost_sender() {
+        assert!(Config::default().warnings().is_empty());
+        let short = parse("publish_token = \"short\"").unwrap().warnings();
+        assert!(short.len() == 1 && short[0].contains("publish_token is 5 characters"), "{short:?}");
+        assert!(parse("publish_token = \"0123456789abcdef\"").unwrap().warnings().is_empty());
+        let far = parse("mail_transport = \"smtp\"\nsmtp_host = \"mx.example.org\"").unwrap().warnings();
+        assert!(far.len() == 1 && far[0].contains("mail_from"), "{far:?}");
+        assert!(parse("mail_transport = \"smtp\"").unwrap().warnings().is_empty());
     }
 }

@@ -1,15 +1,25 @@
 //! Start-up as a Unix daemon: the configuration check, folders, the pid file, detaching
 //! from the terminal and dropping privileges. Runs before the reactor; may block.
+//!
+//! Everything here that runs as root treats paths in folders another user can write as
+//! hostile: no symbolic link is followed, a file is created with `O_EXCL`, and only a
+//! file or folder just created here is given to `user`.
 
-use crate::config::Transport;
+mod check;
+
+pub use check::check;
+
 use crate::config::{Config, LogTarget};
-use nix::unistd::{chown, ForkResult, Gid, Uid, User};
+use nix::unistd::{ForkResult, Gid, Uid, User};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The umask of every process: nothing notifd creates is readable by other users.
+pub const UMASK: u32 = 0o027;
 
 static DETACHED: AtomicBool = AtomicBool::new(false);
 
@@ -20,48 +30,6 @@ pub fn log_target(cfg: &Config) -> LogTarget {
     } else {
         LogTarget::Stderr
     })
-}
-
-/// `-t`: is everything the configuration names usable? Creates nothing.
-pub fn check(cfg: &Config) -> Result<(), String> {
-    crate::listen::resolve(&cfg.host, cfg.port).map_err(|e| format!("host: {e}"))?;
-    writable_or_creatable(&cfg.database).map_err(|e| format!("database {}: {e}", cfg.database.display()))?;
-    match cfg.mail_transport {
-        Transport::Spool => writable_or_creatable(&cfg.spool_dir)
-            .map_err(|e| format!("spool_dir {}: {e}", cfg.spool_dir.display()))?,
-        Transport::Sendmail => {
-            let ok = fs::metadata(&cfg.sendmail_path)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-            if !ok {
-                return Err(format!("sendmail_path {}: not an executable file", cfg.sendmail_path.display()));
-            }
-        }
-        Transport::Smtp | Transport::None => {}
-    }
-    let mail = cfg.mail_settings()?;
-    crate::transport::Mailer::new(&mail).map_err(|e| e.to_string())?;
-    if !cfg.user.is_empty() {
-        match User::from_name(&cfg.user) {
-            Ok(Some(_)) => {}
-            _ => return Err(format!("user \"{}\": no such user", cfg.user)),
-        }
-    }
-    Ok(())
-}
-
-/// `path` exists and is writable, or the nearest folder above it that exists is.
-fn writable_or_creatable(path: &Path) -> Result<(), String> {
-    let mut p = path;
-    loop {
-        if p.exists() {
-            return nix::unistd::access(p, nix::unistd::AccessFlags::W_OK)
-                .map_err(|e| format!("not writable: {e}"));
-        }
-        p = p.parent().ok_or("no existing parent folder")?;
-        if p.as_os_str().is_empty() {
-            p = Path::new(".");
-        }
-    }
 }
 
 /// The account to run as, when started as root with `user` set.
@@ -76,32 +44,67 @@ pub fn target_user(cfg: &Config) -> Result<Option<User>, String> {
     }
 }
 
-/// Creates a missing folder (mode 0750) owned by `user`.
+/// Creates `dir` if missing: its missing parents 0755 (so that `user` can reach it),
+/// owned by whoever runs this, and `dir` itself 0750, owned by `user` when given.
+/// An existing folder is left as it is.
 pub fn make_dir(dir: &Path, user: Option<&User>) -> Result<(), String> {
-    if dir.as_os_str().is_empty() || dir.is_dir() {
+    if dir.as_os_str().is_empty() {
         return Ok(());
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    if let Some(u) = user {
-        chown(dir, Some(u.uid), Some(u.gid)).map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
+    let mut missing = Vec::new();
+    let mut p = dir;
+    loop {
+        match fs::metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("cannot create {}: {} is not a folder", dir.display(), p.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(p.to_path_buf()),
+            Err(e) => return Err(format!("cannot create {}: {}: {e}", dir.display(), p.display())),
+        }
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    for (i, d) in missing.iter().enumerate().rev() {
+        let last = i == 0;
+        let mode = if last { 0o750 } else { 0o755 };
+        match fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => {}
+            // Made by someone else meanwhile: not ours to chown or chmod.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err(format!("cannot create {}: {e}", d.display())),
+        }
+        // Through a descriptor opened without following links, so a folder swapped for
+        // a symbolic link in between is refused rather than followed.
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(d)
+            .map_err(|e| format!("cannot open {} just created: {e}", d.display()))?;
+        let fd = opened.as_raw_fd();
+        // The umask took bits off the mode given to mkdir.
+        nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::from_bits_truncate(mode))
+            .map_err(|e| format!("cannot chmod {}: {e}", d.display()))?;
+        if let (true, Some(u)) = (last, user) {
+            nix::unistd::fchown(fd, Some(u.uid), Some(u.gid))
+                .map_err(|e| format!("cannot chown {}: {e}", d.display()))?;
+        }
     }
     Ok(())
 }
 
-/// Creates `path` if missing and gives it to `user` (mode 0640).
-pub fn own_file(path: &Path, user: &User) -> Result<(), String> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    nix::unistd::fchown(f.as_raw_fd(), Some(user.uid), Some(user.gid))
-        .map_err(|e| format!("cannot chown {}: {e}", path.display()))
+/// The folders notifd writes to, which start-up creates: the database's, the spool
+/// (when used) and, with `-d`, the pid file's.
+pub fn data_dirs(cfg: &Config, detach: bool) -> Vec<PathBuf> {
+    let parent = |p: &Path| p.parent().map(PathBuf::from).unwrap_or_default();
+    let mut dirs = vec![parent(&cfg.database)];
+    if cfg.mail_transport == crate::config::Transport::Spool {
+        dirs.push(cfg.spool_dir.clone());
+    }
+    if detach {
+        dirs.push(parent(&cfg.pid_file));
+    }
+    dirs
 }
 
 /// Switches to `user`: supplementary groups, then gid, then uid; refuses to go on if any
@@ -120,25 +123,85 @@ pub fn drop_privileges(user: &User) -> Result<(), String> {
     Ok(())
 }
 
-/// Refuses to start when `pid_file` names a live process; removes a stale one.
+/// Refuses to start when `pid_file` names a live process; removes a stale one. A pid
+/// file that is not a regular file (a link, a FIFO) is never opened, only removed.
 pub fn check_pid_file(path: &Path) -> Result<(), String> {
-    let Ok(text) = fs::read_to_string(path) else { return Ok(()) };
-    if let Ok(pid) = text.trim().parse::<i32>() {
-        if pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
-            return Err(format!("already running as pid {pid} (pid file {})", path.display()));
+    let Ok(meta) = fs::symlink_metadata(path) else { return Ok(()) };
+    if meta.is_file() {
+        let mut text = String::new();
+        let read = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .and_then(|f| f.take(64).read_to_string(&mut text));
+        if let (Ok(_), Ok(pid)) = (read, text.trim().parse::<i32>()) {
+            if pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+                return Err(format!("already running as pid {pid} (pid file {})", path.display()));
+            }
         }
     }
     let _ = fs::remove_file(path);
     Ok(())
 }
 
-/// Writes the pid file atomically (temporary name, then rename).
+/// Writes the pid file atomically: a new temporary file (never a link someone left
+/// there), then rename.
 pub fn write_pid_file(path: &Path) -> Result<(), String> {
     let tmp = path.with_extension("pid.tmp");
-    fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)))
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut f| {
+            // Readable by everyone, as pid files are, whatever the umask.
+            f.set_permissions(fs::Permissions::from_mode(0o644))?;
+            f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        })
         .and_then(|_| fs::rename(&tmp, path))
         .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))
+}
+
+/// Opens (creating it if missing, owned by `user`) the log file now, so that a log
+/// notifd must refuse stops the start with the reason on the terminal.
+pub fn prepare_log(cfg: &Config, user: Option<&User>) -> Result<(), String> {
+    if let Some(u) = user {
+        crate::logger::set_owner(u.uid, u.gid);
+    }
+    match &cfg.log {
+        Some(LogTarget::File(path)) => crate::logger::open_file(path)
+            .map(drop)
+            .map_err(|e| format!("cannot open the log {}: {e}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+/// After the store failed to start: why. A throw-away store process (same user, same
+/// lock, same open) tries again and reports its error as text, which the caller hands
+/// to the terminal even when the log is a syslog nobody reads.
+pub fn store_failure(db: &Path, settings: &crate::ipc::StoreSettings) -> Option<String> {
+    let (db, settings) = (db.to_path_buf(), settings.clone());
+    let spawned = crate::spawn::spawn("notifd-store", "store", move |_input, output| {
+        let why = match crate::store::lock(&db, std::time::Duration::ZERO) {
+            Err(e) => e.to_string(),
+            Ok(_held) => match crate::store::open(&db, &settings) {
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            },
+        };
+        let _ = fs::File::from(output).write_all(why.as_bytes());
+        0
+    })
+    .ok()?;
+    let rx = OwnedFd::from(spawned.rx);
+    crate::spawn::set_blocking(&rx, true);
+    let mut why = String::new();
+    let _ = fs::File::from(rx).take(4096).read_to_string(&mut why);
+    let _ = nix::sys::wait::waitpid(spawned.pid, None);
+    let why = why.trim();
+    (!why.is_empty()).then(|| why.to_string())
 }
 
 /// The daemon's end of the start-up report to the foreground process.

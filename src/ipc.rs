@@ -228,6 +228,8 @@ pub struct MailSettings {
     pub sendmail_path: String,
     /// The spool folder (absolute).
     pub spool_dir: String,
+    /// Seconds one sendmail run may take before it is killed and the email retried.
+    pub sendmail_timeout: u32,
 }
 
 /// A frame that cannot be decoded: the pipe is broken and its child is restarted.

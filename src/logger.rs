@@ -7,7 +7,9 @@ use crate::config::LogTarget;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 struct State {
@@ -22,6 +24,10 @@ enum Sink {
 }
 
 static STATE: Mutex<State> = Mutex::new(State { role: "reactor", target: Sink::Stderr });
+
+/// The uid and gid (`uid << 32 | gid`) a log file must belong to; `u64::MAX`: the
+/// process's own.
+static OWNER: AtomicU64 = AtomicU64::new(u64::MAX);
 
 struct Logger;
 
@@ -89,14 +95,76 @@ pub fn configure(target: &LogTarget, level: log::LevelFilter) -> std::io::Result
             unsafe { libc::openlog(c"notifd".as_ptr(), libc::LOG_PID | libc::LOG_NDELAY, libc::LOG_DAEMON) };
             Sink::Syslog
         }
-        LogTarget::File(path) => {
-            let f = OpenOptions::new().create(true).append(true).open(path)?;
-            Sink::File(path.clone(), f)
-        }
+        LogTarget::File(path) => Sink::File(path.clone(), open_file(path)?),
     };
     STATE.lock().unwrap_or_else(|e| e.into_inner()).target = sink;
     log::set_max_level(level);
     Ok(())
+}
+
+/// The user a log file must belong to: the one notifd runs as once privileges are
+/// dropped. Set by a root parent before it opens the log; inherited by its children.
+pub fn set_owner(uid: nix::unistd::Uid, gid: nix::unistd::Gid) {
+    OWNER.store(u64::from(uid.as_raw()) << 32 | u64::from(gid.as_raw()), Ordering::Relaxed);
+}
+
+/// Opens the log file for appending, creating it (0640) if missing. Never follows a
+/// symbolic link, and refuses an existing file that is not a regular file owned by the
+/// user notifd runs as; the owner is set only on a file this call created, so a root
+/// notifd can never be made to hand someone else's file to its service account.
+pub fn open_file(path: &Path) -> std::io::Result<File> {
+    let owner = OWNER.load(Ordering::Relaxed);
+    let (uid, gid) = if owner == u64::MAX {
+        (nix::unistd::geteuid(), nix::unistd::getegid())
+    } else {
+        (nix::unistd::Uid::from_raw((owner >> 32) as u32), nix::unistd::Gid::from_raw(owner as u32))
+    };
+    let open = |create: bool| {
+        OpenOptions::new()
+            .append(true)
+            .create_new(create)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let (file, created) = match open(false) {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match open(true) {
+            Ok(f) => (f, true),
+            // Someone made it between the two calls: judge what is there now.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (open(false)?, false),
+            Err(e) => return Err(e),
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse(format!("{} is a symbolic link; refusing to follow it", path.display())))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(format!("{} is not a regular file", path.display())));
+    }
+    if created {
+        if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
+            nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&file), Some(uid), Some(gid))?;
+        }
+    } else if meta.uid() != uid.as_raw() {
+        return Err(refuse(format!(
+            "{} belongs to uid {}, not to uid {} that notifd runs as; refusing to write to it \
+             (chown it or remove it)",
+            path.display(),
+            meta.uid(),
+            uid
+        )));
+    }
+    // O_NONBLOCK was for the open only (a FIFO planted there must not hang us).
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+    unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_NONBLOCK);
+    }
+    Ok(file)
 }
 
 /// In a freshly forked child, before it closes every inherited descriptor: lets go of
@@ -133,7 +201,7 @@ pub fn restore(target: Option<LogTarget>) {
 pub fn reopen() -> std::io::Result<()> {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if let Sink::File(path, f) = &mut st.target {
-        *f = OpenOptions::new().create(true).append(true).open(&*path)?;
+        *f = open_file(path)?;
     }
     Ok(())
 }

@@ -1,6 +1,5 @@
 //! notifd: command line and start-up. See README.md and notifd(8).
 
-use notifd::config::Transport;
 use notifd::config::{self, Config};
 use notifd::{daemon, listen, logger, reactor};
 use std::ffi::OsString;
@@ -82,7 +81,10 @@ fn try_main() -> i32 {
     }
     if args.test {
         return match daemon::check(&cfg) {
-            Ok(()) => {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("notifd: warning: {w}");
+                }
                 println!("configuration OK");
                 0
             }
@@ -112,7 +114,11 @@ fn try_main() -> i32 {
 /// Everything from binding the port to the end of the reactor.
 fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     let fatal = |why: String| (1, why);
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(daemon::UMASK));
     let user = daemon::target_user(&cfg).map_err(|e| (2, e))?;
+    for w in cfg.warnings() {
+        log::warn!("{w}");
+    }
     if detach {
         daemon::check_pid_file(&cfg.pid_file).map_err(fatal)?;
     }
@@ -121,21 +127,12 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
-    let mut dirs = vec![cfg.database.parent().map(PathBuf::from).unwrap_or_default()];
-    if cfg.mail_transport == Transport::Spool {
-        dirs.push(cfg.spool_dir.clone());
+    for d in daemon::data_dirs(&cfg, detach) {
+        daemon::make_dir(&d, user.as_ref()).map_err(fatal)?;
     }
-    if detach {
-        dirs.push(cfg.pid_file.parent().map(PathBuf::from).unwrap_or_default());
-    }
-    for d in &dirs {
-        daemon::make_dir(d, user.as_ref()).map_err(fatal)?;
-    }
-    if let (Some(u), Some(config::LogTarget::File(path))) = (&user, &cfg.log) {
-        // The log is reopened on SIGHUP and by restarted children, after privileges
-        // are dropped: it must belong to the user they run as.
-        daemon::own_file(path, u).map_err(fatal)?;
-    }
+    // The log is reopened on SIGHUP and by restarted children, after privileges are
+    // dropped: it must belong to the user they run as.
+    daemon::prepare_log(&cfg, user.as_ref()).map_err(fatal)?;
     let mut ready = if detach { daemon::detach().map_err(fatal)? } else { daemon::Ready::foreground() };
     let result = serve(cfg, listener, addr, mail, user, &mut ready, detach);
     if let Err((_, why)) = &result {
@@ -161,6 +158,7 @@ fn serve(
         log::info!("running as user {}", u.name);
     }
     let pid_file = cfg.pid_file.clone();
+    let (database, store_settings) = (cfg.database.clone(), cfg.store_settings());
     if detach {
         // Before the children are forked, so that none of them holds the terminal or
         // the pipes of whoever started `notifd -d`; start-up errors from here on reach
@@ -168,7 +166,17 @@ fn serve(
         daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
     }
     let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
-    r.wait_store(std::time::Duration::from_secs(30)).map_err(fatal)?;
+    if let Err(e) = r.wait_store(std::time::Duration::from_secs(30)) {
+        // A store that exited said why in the log, which may be a syslog nobody reads
+        // (or none at all on a minimal host): find out again, for the terminal. One
+        // that is merely slow still holds the database; asking again would only blame
+        // its lock.
+        let exited = e.contains("exited");
+        return Err(match exited.then(|| daemon::store_failure(&database, &store_settings)).flatten() {
+            Some(why) => fatal(format!("{}: {why}", e.replace(" (the log says why)", ""))),
+            None => fatal(e),
+        });
+    }
     log::info!("listening on {addr}");
     if detach {
         daemon::write_pid_file(&pid_file).map_err(fatal)?;

@@ -39,6 +39,61 @@ fn ctx(what: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |e| StoreError(format!("{what}: {e}"))
 }
 
+/// How long a starting store waits for the database's lock: a store being replaced
+/// after a crash may take a moment to let go of it.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// The lock file beside the database: `notifd.db` → `notifd.db.lock`.
+pub fn lock_path(db_path: &Path) -> std::path::PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// Takes the exclusive lock that makes a database one daemon's, waiting up to `wait`
+/// for a holder to go away; held until the returned file is closed (the store's exit).
+/// A lock file rather than the database itself: SQLite's own POSIX locks on the
+/// database and flock(2) on it would be one lock on some file systems.
+pub fn lock(db_path: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(db_path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| StoreError(format!("cannot open the lock file {}: {e}", path.display())))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor owned by `file`.
+        let locked =
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked == 0 {
+            // For whoever finds the lock taken: which process holds it.
+            let pid = format!("{}\n", std::process::id());
+            let _ = file.set_len(0).and_then(|()| (&file).write_all(pid.as_bytes()));
+            return Ok(file);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(StoreError(format!("cannot lock {}: {e}", path.display())));
+        }
+        if Instant::now() >= deadline {
+            let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
+            return Err(StoreError(format!(
+                "database {} is in use by another notifd ({} holds {}); one database, one daemon",
+                db_path.display(),
+                holder.map_or("a process".to_string(), |pid| format!("pid {pid}")),
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Opens (creating if missing) the database at `path` with notifd's schema.
 pub fn open(path: &Path, settings: &StoreSettings) -> Result<Connection, StoreError> {
     let db = Connection::open(path).map_err(ctx(&format!("cannot open {}", path.display())))?;
@@ -443,6 +498,13 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
     // has nothing better to do than wait for the reactor to take its answers.
     crate::spawn::set_blocking(&input, false);
     crate::spawn::set_blocking(&output, true);
+    let _lock = match lock(db_path, LOCK_WAIT) {
+        Ok(file) => file,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
     let db = match open(db_path, &settings) {
         Ok(db) => db,
         Err(e) => {

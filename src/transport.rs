@@ -16,12 +16,15 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, SmtpConnection, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::{Message, SendmailTransport, Transport as _};
+use lettre::Message;
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long one SMTP connect, command or reply may take before the try counts as failed.
@@ -78,7 +81,7 @@ pub struct Mailer {
 /// Where messages go.
 enum Sink {
     Smtp(Box<Relay>),
-    Sendmail(SendmailTransport),
+    Sendmail(Sendmail),
     Spool(PathBuf),
     Off,
 }
@@ -115,7 +118,8 @@ impl Mailer {
                 if !path.is_file() {
                     return Err(MailError::Sendmail(format!("{:?} is not a file", settings.sendmail_path)));
                 }
-                Sink::Sendmail(SendmailTransport::new_with_command(path))
+                let timeout = Duration::from_secs(settings.sendmail_timeout.max(1).into());
+                Sink::Sendmail(Sendmail { path: path.to_path_buf(), timeout })
             }
             Transport::Spool => {
                 let dir = PathBuf::from(&settings.spool_dir);
@@ -134,22 +138,35 @@ impl Mailer {
     pub fn send_batch(&mut self, jobs: &[MailJob]) -> Vec<MailResult> {
         match &mut self.sink {
             Sink::Smtp(relay) => relay.send_batch(&self.from, jobs),
-            Sink::Sendmail(sendmail) => jobs
-                .iter()
-                .map(|job| {
-                    let outcome = match compose(&self.from, job) {
-                        Ok(message) => match sendmail.send(&message) {
-                            Ok(()) => MailOutcome::Sent,
-                            // lettre keeps only stderr, not the exit status, so a
-                            // temporary failure cannot be told from a permanent one;
-                            // the outbox's try limit bounds the retries.
-                            Err(e) => MailOutcome::Retry(one_line(&format!("sendmail: {e}"))),
-                        },
-                        Err(e) => MailOutcome::Fail(one_line(&e.to_string())),
-                    };
-                    result(job, outcome)
-                })
-                .collect(),
+            Sink::Sendmail(sendmail) => {
+                // After one run overran, the rest wait for a later batch rather than
+                // each costing another full timeout on a wedged mail system.
+                let mut hung: Option<String> = None;
+                jobs.iter()
+                    .map(|job| {
+                        let outcome = match (&hung, compose(&self.from, job)) {
+                            (Some(why), _) => MailOutcome::Retry(one_line(&format!("not tried: {why}"))),
+                            (None, Ok(message)) => {
+                                match sendmail.send(message.envelope(), &message.formatted()) {
+                                    Ok(()) => MailOutcome::Sent,
+                                    // Temporary (EX_TEMPFAIL) and permanent failures are not
+                                    // told apart; the outbox's try limit bounds the retries.
+                                    Err(SendmailError::Failed(e)) => {
+                                        MailOutcome::Retry(one_line(&format!("sendmail: {e}")))
+                                    }
+                                    Err(SendmailError::TimedOut(e)) => {
+                                        let why = format!("sendmail: {e}");
+                                        hung = Some(why.clone());
+                                        MailOutcome::Retry(one_line(&why))
+                                    }
+                                }
+                            }
+                            (None, Err(e)) => MailOutcome::Fail(one_line(&e.to_string())),
+                        };
+                        result(job, outcome)
+                    })
+                    .collect()
+            }
             Sink::Spool(dir) => jobs
                 .iter()
                 .map(|job| {
@@ -315,6 +332,84 @@ impl Relay {
             let _ = conn.set_timeout(Some(Duration::from_secs(2)));
             let _ = conn.command(Quit);
         }
+    }
+}
+
+/// Why a sendmail run did not take an email.
+enum SendmailError {
+    /// It could not run, or exited with a failure.
+    Failed(String),
+    /// It ran past `sendmail_timeout` and was killed.
+    TimedOut(String),
+}
+
+/// The local sendmail program, run once per email and killed when it overruns.
+struct Sendmail {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Sendmail {
+    /// Runs `sendmail -i -f FROM -- TO...` with `email` on its standard input. A run
+    /// that takes longer than `timeout` is killed with its process group (a script's
+    /// own children too), so a hung sendmail cannot wedge the mailer.
+    fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), SendmailError> {
+        use SendmailError::Failed;
+        let mut command = Command::new(&self.path);
+        command.arg("-i");
+        if let Some(from) = envelope.from() {
+            command.arg("-f").arg(from);
+        }
+        command.arg("--").args(envelope.to());
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Failed(format!("cannot run {}: {e}", self.path.display())))?;
+        let pid = child.id() as i32;
+        let (stdin, stderr) = (child.stdin.take(), child.stderr.take());
+        // Writing, reading and waiting each block on the program; threads let one
+        // deadline bound all three.
+        let email = email.to_vec();
+        let writer = std::thread::spawn(move || stdin.map(|mut i| i.write_all(&email)));
+        let (said_tx, said_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut said = Vec::new();
+            if let Some(e) = stderr {
+                let _ = e.take(4096).read_to_end(&mut said);
+            }
+            let _ = said_tx.send(said);
+        });
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(child.wait());
+        });
+        let status = match done_rx.recv_timeout(self.timeout) {
+            Ok(status) => status.map_err(|e| Failed(format!("wait: {e}")))?,
+            Err(_) => {
+                // SAFETY: kill(2) of the process group this run created; its leader has
+                // not been reaped yet (the waiting thread holds it), so the id is ours.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                let _ = done_rx.recv();
+                return Err(SendmailError::TimedOut(format!(
+                    "no exit within {} s; killed",
+                    self.timeout.as_secs()
+                )));
+            }
+        };
+        let wrote = writer.join().ok().flatten();
+        // A program that exited may leave children holding stderr: do not wait on them.
+        let said = said_rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+        if status.success() {
+            return match wrote {
+                Some(Err(e)) => Err(Failed(format!("it exited before taking the whole message: {e}"))),
+                _ => Ok(()),
+            };
+        }
+        let said = String::from_utf8_lossy(&said);
+        Err(Failed(format!("{status}: {}", said.trim())))
     }
 }
 
@@ -540,17 +635,18 @@ fn body_text(job: &MailJob, published: SystemTime) -> String {
 
 // --- the spool -------------------------------------------------------------------------
 
-/// `<id>-<address>.eml`, with `%` and `/` percent-encoded so that distinct addresses
-/// never share a file and no address leaves the folder. An address that would make the
-/// name too long for a file system is cut and followed by a hash of the whole address.
+/// `<id>-<address>.eml`, with every byte of the address outside `[A-Za-z0-9._@+-]`
+/// written `%XX`: distinct addresses never share a file, no address leaves the folder,
+/// and no shell metacharacter (`` ` $ | & * ? ``, spaces, quotes) reaches a script that
+/// lists the spool. An address that would make the name too long for a file system is
+/// cut and followed by a hash of the whole address.
 pub fn spool_file_name(job: &MailJob) -> String {
     let mut escaped = String::with_capacity(job.email.len());
-    for c in job.email.chars() {
-        match c {
-            '%' => escaped.push_str("%25"),
-            '/' => escaped.push_str("%2F"),
-            c if c.is_control() => escaped.push_str(&format!("%{:02X}", c as u32 & 0xff)),
-            c => escaped.push(c),
+    for &b in job.email.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'+' | b'-') {
+            escaped.push(char::from(b));
+        } else {
+            escaped.push_str(&format!("%{b:02X}"));
         }
     }
     // 255 bytes is the usual limit; ".<name>.tmp" must fit too.
@@ -729,6 +825,42 @@ mod tests {
     }
 
     #[test]
+    fn spool_names_escape_everything_but_a_safe_set() {
+        let mut j = job("x");
+        j.email = "a`b$c|d&e*f?g h'i\"j;k(l)m<n>o\\p~q#r!s{t}u=v,w:x^y%z@Ex-am_ple.org+1".into();
+        let name = spool_file_name(&j);
+        assert_eq!(
+            name,
+            "42-a%60b%24c%7Cd%26e%2Af%3Fg%20h%27i%22j%3Bk%28l%29m%3Cn%3Eo%5Cp%7Eq%23r%21s%7Bt%7Du%3Dv\
+             %2Cw%3Ax%5Ey%25z@Ex-am_ple.org+1.eml"
+        );
+        assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+-%".contains(&b)));
+        j.email = "é@x.org".into();
+        assert_eq!(spool_file_name(&j), "42-%C3%A9@x.org.eml");
+    }
+
+    #[test]
+    fn a_sendmail_that_overruns_is_killed_and_the_rest_of_the_batch_waits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("sendmail");
+        fs::write(&script, "#!/bin/sh\ncat >/dev/null\nexec sleep 60\n").unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let sendmail = Sink::Sendmail(Sendmail { path: script, timeout: Duration::from_secs(1) });
+        let mut mailer = Mailer { from: parse_from("n@example.org").unwrap(), sink: sendmail };
+        let mut second = job("x");
+        second.id = 43;
+        let started = std::time::Instant::now();
+        let results = mailer.send_batch(&[job("x"), second]);
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert!(matches!(&results[0].outcome, MailOutcome::Retry(r) if r.contains("killed")), "{results:?}");
+        assert!(
+            matches!(&results[1].outcome, MailOutcome::Retry(r) if r.starts_with("not tried")),
+            "{results:?}"
+        );
+    }
+
+    #[test]
     fn spool_names() {
         let mut j = job("x");
         assert_eq!(spool_file_name(&j), "42-alice@example.org.eml");
@@ -791,6 +923,7 @@ mod tests {
             smtp_ca_pem: Some(b"not a certificate".to_vec()),
             sendmail_path: "/nonexistent/sendmail".into(),
             spool_dir: "relative/spool".into(),
+            sendmail_timeout: 60,
         };
         assert!(matches!(Mailer::new(&s), Err(MailError::CaCert(_))));
         s.smtp_ca_pem = None;

@@ -27,6 +27,7 @@ fn settings(transport: Transport, port: u16) -> MailSettings {
         smtp_ca_pem: None,
         sendmail_path: "/usr/sbin/sendmail".into(),
         spool_dir: "/nonexistent".into(),
+        sendmail_timeout: 60,
     }
 }
 
