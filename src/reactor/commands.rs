@@ -1,8 +1,23 @@
-//! The command handlers: one function per client command.
+//! The command handlers: one function per client command (see notifd-protocol(7)).
+//!
+//! A handler answers at once (`PING`, `QUIT`, `AUTH`, refusals) or sends a request to the
+//! store and holds the client's reply slot until the store answers (`SUB`, `UNSUB`,
+//! `PUB`, `LIST`). `PUB` also fans its `MSG` out to the live subscribers at once.
 
-use super::*;
+use super::conn::{Conn, State};
+use super::Reactor;
+use crate::config::{MailPolicy, Transport};
+use crate::ipc::{MailPlan, ToStore};
+use crate::protocol::{self, Code, Command};
+use std::rc::Rc;
+
+/// First capacity of an output buffer that receives a MSG.
+const FANOUT_BUFFER: usize = 4096;
+/// Failed AUTH attempts before the connection is closed.
+const MAX_AUTH_FAILURES: u8 = 3;
 
 impl Reactor {
+    /// Handles one line a client sent.
     pub(super) fn command(&mut self, key: usize, line: &[u8]) {
         let cmd = match protocol::parse_line(line) {
             Ok(None) => return,
@@ -15,39 +30,43 @@ impl Reactor {
             Command::Pub { event, text } => self.publish(key, event, text),
             Command::Auth { token } => self.auth(key, token),
             Command::List { email } => self.list(key, &email),
-            Command::Ping { text } => {
-                self.conns[key].reply(&self.fan, |out| protocol::pong(out, text));
-                self.mark_dirty(key);
-            }
-            Command::Quit => {
-                let c = &mut self.conns[key];
-                c.reply(&self.fan, |out| protocol::ok(out, "QUIT", ""));
-                c.state = State::Draining;
-                c.inbuf = Vec::new();
-                self.mark_dirty(key);
-            }
+            Command::Ping { text } => self.ping(key, text),
+            Command::Quit => self.quit(key),
         }
     }
 
-    pub(super) fn reply_err(&mut self, key: usize, code: Code, text: &str) {
-        self.conns[key].reply(&self.fan, |out| protocol::err(out, code, text));
-        self.mark_dirty(key);
+    fn ping(&mut self, key: usize, text: Option<&str>) {
+        self.clients.conns[key].reply(&self.fan, |out| protocol::pong(out, text));
+        self.clients.mark_dirty(key);
     }
 
-    pub(super) fn sub(&mut self, key: usize, event: &str, email: &str) {
-        let c = &self.conns[key];
+    fn quit(&mut self, key: usize) {
+        let c = &mut self.clients.conns[key];
+        c.reply(&self.fan, |out| protocol::ok(out, "QUIT", ""));
+        c.state = State::Draining;
+        c.inbuf = Vec::new();
+        self.clients.mark_dirty(key);
+    }
+
+    pub(super) fn reply_err(&mut self, key: usize, code: Code, text: &str) {
+        self.clients.conns[key].reply(&self.fan, |out| protocol::err(out, code, text));
+        self.clients.mark_dirty(key);
+    }
+
+    fn sub(&mut self, key: usize, event: &str, email: &str) {
+        let c = &self.clients.conns[key];
         if !c.subs.contains(event, email) {
             if c.subs.len() >= self.cfg.max_subs_per_conn as usize {
                 let text = format!("at most {} subscriptions per connection", self.cfg.max_subs_per_conn);
                 return self.reply_err(key, Code::Limit, &text);
             }
-            let ev = match self.index.get_key_value(event) {
+            let ev = match self.clients.index.get_key_value(event) {
                 Some((k, _)) => Rc::clone(k),
                 None => Rc::from(event),
             };
-            let c = &mut self.conns[key];
+            let c = &mut self.clients.conns[key];
             c.subs.insert(Rc::clone(&ev), email.into());
-            self.index.entry(ev).or_default().insert(key);
+            self.clients.index.entry(ev).or_default().insert(key);
         }
         let now = crate::ipc::unix_now();
         self.store_request(
@@ -57,10 +76,10 @@ impl Reactor {
         );
     }
 
-    pub(super) fn unsub(&mut self, key: usize, event: &str, email: &str) {
-        let c = &mut self.conns[key];
+    fn unsub(&mut self, key: usize, event: &str, email: &str) {
+        let c = &mut self.clients.conns[key];
         if c.subs.remove(event, email) && !c.subs.has_event(event) {
-            self.unindex(key, event);
+            self.clients.unindex(key, event);
         }
         self.store_request(
             key,
@@ -69,16 +88,7 @@ impl Reactor {
         );
     }
 
-    pub(super) fn unindex(&mut self, key: usize, event: &str) {
-        if let Some(set) = self.index.get_mut(event) {
-            set.swap_remove(&key);
-            if set.is_empty() {
-                self.index.remove(event);
-            }
-        }
-    }
-
-    pub(super) fn may_publish(&self, c: &Conn) -> bool {
+    fn may_publish(&self, c: &Conn) -> bool {
         if self.cfg.publish_token.is_empty() {
             c.loopback
         } else {
@@ -86,11 +96,14 @@ impl Reactor {
         }
     }
 
-    pub(super) fn publish(&mut self, key: usize, event: &str, text: &str) {
-        if !self.may_publish(&self.conns[key]) {
+    fn publish(&mut self, key: usize, event: &str, text: &str) {
+        if !self.may_publish(&self.clients.conns[key]) {
             return self.reply_err(key, Code::Auth, self.auth_text());
         }
-        let id = self.take_id();
+        let Some(id) = self.take_id() else {
+            // can_take checked has_ids, so this is a bug; it costs this command only.
+            return self.reply_err(key, Code::Unavailable, "no notification id is reserved yet; try again");
+        };
         // Formatted once into the turn's fan-out buffer; a subscriber with nothing else
         // to send this turn is written straight from there (see Conn::shared).
         let a = self.fan.len();
@@ -101,9 +114,9 @@ impl Reactor {
             self.cfg.mail_policy == MailPolicy::Offline && self.cfg.mail_transport != Transport::None;
         let mut live: Vec<String> = Vec::new();
         let mut n = 0u64;
-        if let Some(set) = self.index.get(event) {
+        if let Some(set) = self.clients.index.get(event) {
             for &k in set {
-                let c = &mut self.conns[k];
+                let c = &mut self.clients.conns[k];
                 if c.state == State::Closing {
                     continue;
                 }
@@ -129,10 +142,10 @@ impl Reactor {
                         self.cfg.max_pending
                     );
                     c.state = State::Closing;
-                    self.closing.push(k);
+                    self.clients.closing.push(k);
                 } else if !c.dirty {
                     c.dirty = true;
-                    self.dirty.push(k);
+                    self.clients.dirty.push(k);
                 }
             }
         }
@@ -162,7 +175,7 @@ impl Reactor {
         );
     }
 
-    pub(super) fn auth_text(&self) -> &'static str {
+    fn auth_text(&self) -> &'static str {
         if self.cfg.publish_token.is_empty() {
             "only loopback clients may publish or list"
         } else {
@@ -170,9 +183,9 @@ impl Reactor {
         }
     }
 
-    pub(super) fn auth(&mut self, key: usize, token: &str) {
+    fn auth(&mut self, key: usize, token: &str) {
         let good = !self.cfg.publish_token.is_empty() && constant_time_eq(token, &self.cfg.publish_token);
-        let c = &mut self.conns[key];
+        let c = &mut self.clients.conns[key];
         if good {
             c.auth_gen = self.token_gen;
             c.auth_failures = 0;
@@ -188,18 +201,18 @@ impl Reactor {
                 c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "wrong token"));
             }
         }
-        self.mark_dirty(key);
+        self.clients.mark_dirty(key);
     }
 
-    pub(super) fn list(&mut self, key: usize, email: &str) {
-        if !self.may_publish(&self.conns[key]) {
+    fn list(&mut self, key: usize, email: &str) {
+        if !self.may_publish(&self.clients.conns[key]) {
             return self.reply_err(key, Code::Auth, self.auth_text());
         }
         self.store_request(key, |req| ToStore::List { req, email: email.into() }, 0);
     }
 }
 
-pub(super) fn constant_time_eq(a: &str, b: &str) -> bool {
+fn constant_time_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

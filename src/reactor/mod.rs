@@ -6,10 +6,12 @@
 //! out at once; `+OK` replies wait for the store's commit. No SQLite, no SMTP, no DNS, no
 //! sleep while serving: anything slow lives in a child.
 //!
-//! Files: `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
-//! to the store and their answers), `mail_router` (routing emails between the store's outbox
-//! and the mailers), `child_link` + `supervise` (the child processes), `lifecycle`
-//! (reload and graceful stop).
+//! Files: this one is the loop and its dispatch; `client_io` (accepting, reading,
+//! framing, writing and closing client sockets), `commands` (one handler per client
+//! command), `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
+//! to the store and their answers), `mail_router` (routing emails between the store's
+//! outbox and the mailers), `child_link` (one child's pipes) and `supervise` (forking,
+//! losing and restarting the children), `lifecycle` (reload and graceful stop).
 
 mod child_link;
 mod client_io;
@@ -21,122 +23,102 @@ mod store_link;
 mod subs;
 mod supervise;
 
-use mail_router::MailRouter;
-
-use crate::config::Transport;
-use crate::config::{Config, MailPolicy};
-use crate::ipc::{MailPlan, MailSettings, StoreSettings, ToStore};
-use crate::protocol::{self, Code, Command, Framed};
-use child_link::Child;
-use client_io::IpKey;
-use conn::{Conn, State};
-use indexmap::IndexSet;
-use mio::net::{TcpListener, TcpStream};
+use crate::config::{Config, Transport};
+use crate::ipc::MailSettings;
+use client_io::{Acceptor, Clients};
+use mail_router::{MailRouter, MailerLink};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
-use slab::Slab;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::io::{self, Read};
-use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use std::io;
 use std::time::{Duration, Instant};
+use store_link::StoreLink;
+use supervise::ChildId;
 
-const LISTENER: Token = Token(usize::MAX);
-const SIGNALS: Token = Token(usize::MAX - 1);
-/// Child `i` (0 is the store, then the mailers) reads on `CHILD_BASE - 2i` and writes on
-/// `CHILD_BASE - 2i - 1`; client connections use slab keys, far below.
-const CHILD_BASE: usize = usize::MAX - 16;
-
-/// Bytes read from one client per loop turn, so that one busy client cannot starve the rest.
-const READ_BUDGET: usize = 256 * 1024;
 /// The fan-out buffer keeps at most this capacity from one turn to the next.
 const FAN_KEEP: usize = 4 << 20;
-/// First capacity of an output buffer that receives a MSG.
-const FANOUT_BUFFER: usize = 4096;
-/// Ids per block reserved by the store; a new block is asked for at half.
-const ID_BLOCK: u64 = 10_000;
-/// Past these, the reactor stops taking commands that need the store.
-const STORE_BACKLOG_MAX: usize = 8 << 20;
-const STORE_PENDING_MAX: usize = 500_000;
-/// Failed AUTH attempts before the connection is closed.
-const MAX_AUTH_FAILURES: u8 = 3;
 
-/// The signals the reactor acts on, set by handlers and read in the loop.
+/// Where a poll event comes from. The listener, the signals and the children's pipes
+/// take tokens counting down from `usize::MAX`; client connections use their slab keys,
+/// far below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Listener,
+    Signals,
+    StoreRead,
+    StoreWrite,
+    MailerRead(usize),
+    MailerWrite(usize),
+    Client(usize),
+}
+
+/// Tokens from here up are not clients; a slab of `max_clients` (a `u32`) never gets here.
+const FIXED_FLOOR: usize = usize::MAX / 2;
+
+impl Source {
+    fn token(self) -> Token {
+        Token(match self {
+            Source::Listener => usize::MAX,
+            Source::Signals => usize::MAX - 1,
+            Source::StoreRead => usize::MAX - 2,
+            Source::StoreWrite => usize::MAX - 3,
+            Source::MailerRead(i) => usize::MAX - 4 - 2 * i,
+            Source::MailerWrite(i) => usize::MAX - 5 - 2 * i,
+            Source::Client(key) => key,
+        })
+    }
+
+    fn of(Token(t): Token) -> Source {
+        if t < FIXED_FLOOR {
+            return Source::Client(t);
+        }
+        match usize::MAX - t {
+            0 => Source::Listener,
+            1 => Source::Signals,
+            2 => Source::StoreRead,
+            3 => Source::StoreWrite,
+            d if d % 2 == 0 => Source::MailerRead((d - 4) / 2),
+            d => Source::MailerWrite((d - 5) / 2),
+        }
+    }
+}
+
+/// Signals received and not yet acted on.
 #[derive(Default)]
-pub struct Signals {
-    pub term: Arc<AtomicBool>,
-    pub hup: Arc<AtomicBool>,
-    pub chld: Arc<AtomicBool>,
-}
-
-/// What a store request answers to.
-enum Target {
-    /// A client's reply slot; `n` is PUB's count of connections.
-    Reply {
-        key: usize,
-        conn_id: u64,
-        seq: u64,
-        n: u64,
-        listed: u64,
-    },
-    /// The client is gone or already told UNAVAILABLE.
-    Orphan,
-    Ids,
-    TakeMail,
-    MailDone,
-}
-
-struct Request {
-    record: ToStore,
-    target: Target,
-    /// Store deaths this request was in flight for.
-    deaths: u8,
+struct Received {
+    /// SIGTERM or SIGINT: stop gracefully.
+    term: bool,
+    /// SIGHUP: reload the configuration and reopen the log.
+    hup: bool,
+    /// SIGCHLD: reap.
+    chld: bool,
 }
 
 /// The live daemon.
 pub struct Reactor {
     cfg: Config,
     poll: Poll,
-    listener: Option<TcpListener>,
-    /// Accepting paused until then (out of descriptors).
-    accept_paused_until: Option<Instant>,
-    /// The last accept failed for lack of descriptors (logged once per episode).
-    out_of_fds: bool,
+    acceptor: Acceptor,
     signals: Signals,
-    signal_rx: mio::net::UnixStream,
-    conns: Slab<Conn>,
-    next_conn_id: u64,
-    per_ip: HashMap<IpKey, u32>,
-    index: HashMap<Rc<str>, IndexSet<usize>>,
-    /// Connections to write at the end of the turn.
-    dirty: Vec<usize>,
-    /// Connections to read again (budget ran out, or a pause was lifted).
-    resume: Vec<usize>,
-    /// Children whose pipe still had data when their read budget ran out.
-    resume_child: Vec<usize>,
-    /// Connections paused until the store catches up or ids arrive.
-    waiting_store: Vec<usize>,
-    /// Connections to close at the end of the turn.
-    closing: Vec<usize>,
-    /// Children: [0] is the store, the rest are mailers.
-    children: Vec<Child>,
-    pending: BTreeMap<u64, Request>,
-    deadlines: VecDeque<(Instant, u64)>,
-    next_req: u64,
-    ids: Range<u64>,
-    spare_ids: Option<Range<u64>>,
-    ids_requested: bool,
-    token_gen: u64,
+    received: Received,
+    clients: Clients,
+    store: StoreLink,
+    mailers: Vec<MailerLink>,
     mail: MailRouter,
-    /// Requests to send again after a database error, and when.
-    deferred: Vec<(Instant, ToStore, Target)>,
-    /// This turn's MSG lines, each formatted once; emptied after the turn's writes.
+    /// Children whose pipe still had data when their read budget ran out.
+    resume_child: Vec<ChildId>,
+    /// This turn's MSG lines, each formatted once and shared by every subscriber (see
+    /// `Conn::shared`); emptied after the turn's writes.
     fan: Vec<u8>,
-    scratch: Vec<u8>,
+    /// The `publish_token` generation: a reload that changes the token bumps it, so
+    /// connections that authenticated with the old one must AUTH again.
+    token_gen: u64,
+    /// Stopping gracefully since then.
     stopping: Option<Instant>,
-    store_settings: StoreSettings,
+    /// Why the daemon cannot go on (a child speaks another record version); `run`
+    /// returns it.
+    fatal: Option<String>,
 }
 
 impl Reactor {
@@ -144,128 +126,99 @@ impl Reactor {
     pub fn new(cfg: Config, listener: std::net::TcpListener, mail: MailSettings) -> io::Result<Reactor> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let signals = Signals::default();
-        let (signal_rx, signal_tx) = std::os::unix::net::UnixStream::pair()?;
-        signal_rx.set_nonblocking(true)?;
-        signal_tx.set_nonblocking(true)?;
-        for (sig, flag) in [
-            (signal_hook::consts::SIGTERM, &signals.term),
-            (signal_hook::consts::SIGINT, &signals.term),
-            (signal_hook::consts::SIGHUP, &signals.hup),
-            (signal_hook::consts::SIGCHLD, &signals.chld),
-        ] {
-            signal_hook::flag::register(sig, Arc::clone(flag))?;
-            signal_hook::low_level::pipe::register(sig, signal_tx.try_clone()?)?;
-        }
-        let mut signal_rx = mio::net::UnixStream::from_std(signal_rx);
-        poll.registry().register(&mut signal_rx, SIGNALS, Interest::READABLE)?;
+        poll.registry().register(&mut listener, Source::Listener.token(), Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD])?;
+        poll.registry().register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
         let workers = if cfg.mail_transport == Transport::None { 0 } else { cfg.mail_workers as usize };
-        let mut children = vec![Child::new("notifd-store".into(), Token(CHILD_BASE), Token(CHILD_BASE - 1))];
-        for i in 1..=workers {
-            children.push(Child::new(
-                format!("notifd-mailer {i}"),
-                Token(CHILD_BASE - 2 * i),
-                Token(CHILD_BASE - 2 * i - 1),
-            ));
-        }
-        let store_settings = cfg.store_settings();
         let mut r = Reactor {
             poll,
-            listener: Some(listener),
-            accept_paused_until: None,
-            out_of_fds: false,
+            acceptor: Acceptor::new(listener),
             signals,
-            signal_rx,
-            // Reserved, not touched: the pages of unused entries never count in RSS, and
-            // the slab never has to copy itself while it grows.
-            conns: Slab::with_capacity(cfg.max_clients as usize),
-            next_conn_id: 1,
-            per_ip: HashMap::new(),
-            index: HashMap::new(),
-            dirty: Vec::new(),
-            resume: Vec::new(),
+            received: Received::default(),
+            clients: Clients::new(cfg.max_clients as usize),
+            store: StoreLink::new(cfg.store_settings()),
+            mailers: (0..workers).map(MailerLink::new).collect(),
+            mail: MailRouter::new(mail),
             resume_child: Vec::new(),
-            waiting_store: Vec::new(),
-            closing: Vec::new(),
-            children,
-            pending: BTreeMap::new(),
-            deadlines: VecDeque::new(),
-            next_req: 1,
-            ids: 0..0,
-            spare_ids: None,
-            ids_requested: false,
-            token_gen: 1,
-            mail: MailRouter {
-                settings: mail,
-                held: vec![HashMap::new(); workers],
-                asking: false,
-                wanted: true,
-                next_due: None,
-            },
-            deferred: Vec::new(),
             fan: Vec::with_capacity(64 * 1024),
-            scratch: vec![0; 64 * 1024],
+            token_gen: 1,
             stopping: None,
-            store_settings,
+            fatal: None,
             cfg,
         };
-        for i in 0..r.children.len() {
-            r.start_child(i)?;
+        for id in r.child_ids() {
+            r.start_child(id)?;
         }
         r.ask_ids();
         Ok(r)
     }
 
-    /// Runs until SIGTERM/SIGINT and a clean stop; returns the exit status.
-    pub fn run(&mut self) -> i32 {
+    /// Runs until SIGTERM/SIGINT and a clean stop, and returns the exit status; or
+    /// returns why the daemon cannot go on.
+    pub fn run(&mut self) -> Result<i32, String> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("poll: {e}");
-                    return 1;
+                    return Ok(1);
                 }
             }
             for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    SIGNALS => self.drain_signal_pipe(),
-                    Token(t) if t > CHILD_BASE - 2 * self.children.len() && t <= CHILD_BASE => {
-                        let i = (CHILD_BASE - t) / 2;
-                        if (CHILD_BASE - t) % 2 == 0 {
-                            self.child_readable(i);
-                        } else if let Err(e) = self.children[i].flush() {
-                            self.child_lost(i, &format!("write: {e}"));
-                        }
-                    }
-                    Token(key) => self.conn_event(key, ev.is_readable(), ev.is_writable()),
-                }
+                self.dispatch(Source::of(ev.token()), ev.is_readable(), ev.is_writable());
             }
-            if let Some(status) = self.after_events() {
-                return status;
+            let status = self.after_events();
+            if let Some(why) = self.fatal.take() {
+                return Err(why);
+            }
+            if let Some(status) = status {
+                return Ok(status);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, source: Source, readable: bool, writable: bool) {
+        match source {
+            Source::Listener => self.accept(),
+            Source::Signals => self.take_signals(),
+            Source::StoreRead => self.child_readable(ChildId::Store),
+            Source::StoreWrite => self.flush_child(ChildId::Store),
+            Source::MailerRead(i) => self.child_readable(ChildId::Mailer(i)),
+            Source::MailerWrite(i) => self.flush_child(ChildId::Mailer(i)),
+            Source::Client(key) => self.conn_event(key, readable, writable),
+        }
+    }
+
+    /// Notes the signals that arrived; they are acted on after the turn's events.
+    fn take_signals(&mut self) {
+        for sig in self.signals.pending() {
+            match sig {
+                SIGTERM | SIGINT => self.received.term = true,
+                SIGHUP => self.received.hup = true,
+                SIGCHLD => self.received.chld = true,
+                _ => {}
             }
         }
     }
 
     /// Everything that happens once per turn after the events.
     fn after_events(&mut self) -> Option<i32> {
-        if self.signals.chld.swap(false, Ordering::Relaxed) {
+        if std::mem::take(&mut self.received.chld) {
             self.reap();
         }
-        if self.signals.hup.swap(false, Ordering::Relaxed) {
+        if std::mem::take(&mut self.received.hup) {
             self.reload();
         }
-        if self.signals.term.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
+        if std::mem::take(&mut self.received.term) && self.stopping.is_none() {
             self.begin_stop();
         }
         let now = Instant::now();
         self.restart_children(now);
         self.expire(now);
         self.run_deferred(now);
-        for i in std::mem::take(&mut self.resume_child) {
-            self.child_readable(i);
+        for id in std::mem::take(&mut self.resume_child) {
+            self.child_readable(id);
         }
         self.resume_conns();
         self.pump_mail(now);
@@ -275,9 +228,9 @@ impl Reactor {
         if let Some(since) = self.stopping {
             return self.stop_step(since);
         }
-        if let Some(t) = self.accept_paused_until {
+        if let Some(t) = self.acceptor.paused_until {
             if now >= t {
-                self.accept_paused_until = None;
+                self.acceptor.paused_until = None;
                 self.accept();
             }
         }
@@ -285,7 +238,10 @@ impl Reactor {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.resume.is_empty() || !self.closing.is_empty() || !self.resume_child.is_empty() {
+        if !self.clients.resume.is_empty()
+            || !self.clients.closing.is_empty()
+            || !self.resume_child.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -295,16 +251,47 @@ impl Reactor {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        consider(self.deadlines.front().map(|d| d.0));
-        consider(self.accept_paused_until);
+        consider(self.store.deadlines.front().map(|d| d.0));
+        consider(self.acceptor.paused_until);
         consider(self.mail.next_due);
-        consider(self.deferred.iter().map(|d| d.0).min());
-        for c in &self.children {
-            consider(c.restart_at);
+        consider(self.store.deferred.iter().map(|d| d.0).min());
+        consider(self.store.child.restart_at);
+        for m in &self.mailers {
+            consider(m.child.restart_at);
         }
         if self.stopping.is_some() {
             consider(Some(now + Duration::from_millis(50)));
         }
         next.map(|t| t.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_decode_to_their_source() {
+        let sources = [
+            Source::Listener,
+            Source::Signals,
+            Source::StoreRead,
+            Source::StoreWrite,
+            Source::MailerRead(0),
+            Source::MailerWrite(0),
+            Source::MailerRead(63),
+            Source::MailerWrite(63),
+            Source::Client(0),
+            Source::Client(1_000_000),
+            Source::Client(u32::MAX as usize),
+        ];
+        let mut tokens = std::collections::HashSet::new();
+        for s in sources {
+            assert_eq!(Source::of(s.token()), s, "{s:?}");
+            assert!(tokens.insert(s.token()), "{s:?} shares its token");
+        }
+        assert_eq!(Source::of(Token(usize::MAX)), Source::Listener);
+        assert_eq!(Source::of(Token(usize::MAX - 4)), Source::MailerRead(0));
+        assert_eq!(Source::of(Token(usize::MAX - 7)), Source::MailerWrite(1));
     }
 }
