@@ -7,11 +7,12 @@
 //! A frame is a 4-byte little-endian length, then that many postcard bytes. The length is
 //! checked against [`MAX_FRAME`] before anything is allocated for it.
 
-pub use crate::config::{SmtpTls, Transport};
+pub use crate::config::{LogTarget, SmtpTls, Transport};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read};
+use std::path::PathBuf;
 
 /// Version of the records below; bumped when a variant changes meaning.
 pub const VERSION: u32 = 1;
@@ -99,10 +100,40 @@ pub enum ToMailer {
 /// The log of a child, as a reload leaves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogSettings {
-    /// `None`: standard error; `Some("")`: syslog; else a file path.
-    pub file: Option<String>,
-    /// 1 error, 2 warn, 3 info, 4 debug, 5 trace.
-    pub level: u8,
+    /// Where the log goes.
+    #[serde(with = "LogTargetDef")]
+    pub target: LogTarget,
+    /// The most detailed level logged (postcard: its index, `Off` 0 to `Trace` 5, as the
+    /// `log` crate serializes it).
+    pub level: log::LevelFilter,
+}
+
+/// The wire form of [`LogTarget`], which lives in the configuration: serde's remote
+/// derive, so that its variant order here is the wire format.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "LogTarget")]
+enum LogTargetDef {
+    Stderr,
+    Syslog,
+    File(#[serde(with = "path_bytes")] PathBuf),
+}
+
+/// A path as its bytes: any Unix path crosses the pipe, UTF-8 or not (serde's own form
+/// of a path refuses what is not UTF-8).
+mod path_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(path.as_os_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+        Ok(PathBuf::from(OsString::from_vec(bytes)))
+    }
 }
 
 /// Mailer → reactor.
@@ -488,6 +519,242 @@ mod tests {
         }
         assert_eq!(got, sample());
         assert_eq!(r.pending(), 0);
+    }
+
+    /// The postcard bytes of a record, as hex.
+    fn hex<T: Serialize>(msg: &T) -> String {
+        postcard::to_stdvec(msg).unwrap().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn mail_settings(transport: Transport, smtp_tls: SmtpTls, smtp_ca_pem: Option<Vec<u8>>) -> MailSettings {
+        MailSettings {
+            transport,
+            from: "f".into(),
+            smtp_host: "h".into(),
+            smtp_port: 587,
+            smtp_tls,
+            smtp_user: "u".into(),
+            smtp_password: "p".into(),
+            smtp_ca_pem,
+            sendmail_path: "s".into(),
+            spool_dir: "d".into(),
+        }
+    }
+
+    fn job() -> MailJob {
+        MailJob { id: 1, email: "a".into(), event: "e".into(), text: "t".into(), created_at: -1, tries: 2 }
+    }
+
+    fn result(outcome: MailOutcome) -> MailResult {
+        MailResult { id: 3, email: "b".into(), outcome }
+    }
+
+    fn logging(target: LogTarget, level: log::LevelFilter) -> LogSettings {
+        LogSettings { target, level }
+    }
+
+    /// Which variant a record is, by a match with no `_` arm: a new variant does not
+    /// compile until it is named here, and then the test below wants a sample of it.
+    fn variant_to_store(m: &ToStore) -> usize {
+        match m {
+            ToStore::Hello { .. } => 0,
+            ToStore::Subscribe { .. } => 1,
+            ToStore::Unsubscribe { .. } => 2,
+            ToStore::Publish { .. } => 3,
+            ToStore::List { .. } => 4,
+            ToStore::ReserveIds { .. } => 5,
+            ToStore::TakeMail { .. } => 6,
+            ToStore::MailDone { .. } => 7,
+            ToStore::Configure(_) => 8,
+            ToStore::Logging(_) => 9,
+        }
+    }
+
+    fn variant_from_store(m: &FromStore) -> usize {
+        match m {
+            FromStore::Hello { .. } => 0,
+            FromStore::Done { .. } => 1,
+            FromStore::Failed { .. } => 2,
+            FromStore::ListChunk { .. } => 3,
+            FromStore::Ids { .. } => 4,
+            FromStore::Mail { .. } => 5,
+        }
+    }
+
+    fn variant_to_mailer(m: &ToMailer) -> usize {
+        match m {
+            ToMailer::Hello { .. } => 0,
+            ToMailer::Configure(_) => 1,
+            ToMailer::Send { .. } => 2,
+            ToMailer::Logging(_) => 3,
+        }
+    }
+
+    fn variant_from_mailer(m: &FromMailer) -> usize {
+        match m {
+            FromMailer::Hello { .. } => 0,
+            FromMailer::Results { .. } => 1,
+        }
+    }
+
+    /// Checks each sample's bytes, and that the samples cover every variant; the first
+    /// byte of each record is its variant index, which is wire format (append-only).
+    fn golden<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(
+        samples: &[(T, &str)],
+        variant: fn(&T) -> usize,
+        count: usize,
+    ) {
+        let mut seen = vec![false; count];
+        for (m, want) in samples {
+            assert_eq!(hex(m), *want, "{m:?}");
+            let bytes = postcard::to_stdvec(m).unwrap();
+            let (back, rest) = postcard::take_from_bytes::<T>(&bytes).unwrap();
+            assert!(rest.is_empty() && back == *m, "{m:?}");
+            assert_eq!(bytes[0] as usize, variant(m), "{m:?}");
+            seen[variant(m)] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "a variant has no golden sample: {seen:?}");
+    }
+
+    #[test]
+    fn golden_bytes_to_store() {
+        use log::LevelFilter as L;
+        let store = StoreSettings {
+            sync_full: true,
+            keep_days: 30,
+            mail_retry_base: 60,
+            mail_max_tries: 5,
+            busy_timeout_ms: 1000,
+        };
+        let samples = [
+            (ToStore::Hello { version: 1 }, "0001"),
+            (
+                ToStore::Subscribe { req: 1, email: "a@b".into(), event: "e".into(), now: 300 },
+                "0101036140620165d804",
+            ),
+            (ToStore::Unsubscribe { req: 2, email: "a@b".into(), event: "e".into() }, "0202036140620165"),
+            (
+                ToStore::Publish {
+                    req: 3,
+                    id: 4,
+                    event: "e".into(),
+                    text: "t".into(),
+                    now: -2,
+                    mail: MailPlan::Nobody,
+                },
+                "030304016501740300",
+            ),
+            (
+                ToStore::Publish {
+                    req: 3,
+                    id: 4,
+                    event: "e".into(),
+                    text: "t".into(),
+                    now: 0,
+                    mail: MailPlan::All,
+                },
+                "030304016501740001",
+            ),
+            (
+                ToStore::Publish {
+                    req: 3,
+                    id: 4,
+                    event: "e".into(),
+                    text: "t".into(),
+                    now: 0,
+                    mail: MailPlan::AllExcept(vec!["x".into()]),
+                },
+                "030304016501740002010178",
+            ),
+            (ToStore::List { req: 5, email: "a".into() }, "04050161"),
+            (ToStore::ReserveIds { req: 6, count: 10_000 }, "0506904e"),
+            (ToStore::TakeMail { req: 7, max: 256, now: 1 }, "0607800202"),
+            (
+                ToStore::MailDone {
+                    req: 8,
+                    results: vec![
+                        result(MailOutcome::Sent),
+                        result(MailOutcome::Retry("r".into())),
+                        result(MailOutcome::Fail("f".into())),
+                    ],
+                    now: 2,
+                },
+                "0708030301620003016201017203016202016604",
+            ),
+            (ToStore::Configure(store), "08011e3c05e807"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Off)), "090000"),
+            (ToStore::Logging(logging(LogTarget::Syslog, L::Error)), "090101"),
+            (ToStore::Logging(logging(LogTarget::File("/l".into()), L::Warn)), "0902022f6c02"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Info)), "090003"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Debug)), "090004"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Trace)), "090005"),
+        ];
+        golden(&samples, variant_to_store, 10);
+    }
+
+    #[test]
+    fn golden_bytes_from_store() {
+        let samples = [
+            (FromStore::Hello { version: 1 }, "0001"),
+            (FromStore::Done { req: 300 }, "01ac02"),
+            (FromStore::Failed { req: 1, reason: "r".into() }, "02010172"),
+            (FromStore::ListChunk { req: 2, rows: vec![("e".into(), 5)], last: true }, "03020101650a01"),
+            (FromStore::Ids { req: 3, start: 1, end: 10_001 }, "040301914e"),
+            (
+                FromStore::Mail { req: 4, jobs: vec![job()], next_due: Some(9) },
+                "0504010101610165017401020112",
+            ),
+            (FromStore::Mail { req: 4, jobs: vec![], next_due: None }, "05040000"),
+        ];
+        golden(&samples, variant_from_store, 6);
+    }
+
+    #[test]
+    fn golden_bytes_to_mailer() {
+        let samples = [
+            (ToMailer::Hello { version: 1 }, "0001"),
+            (
+                ToMailer::Configure(mail_settings(Transport::Smtp, SmtpTls::None, None)),
+                "010001660168cb0400017501700001730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::Sendmail, SmtpTls::Starttls, Some(vec![7]))),
+                "010101660168cb04010175017001010701730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::Spool, SmtpTls::Tls, None)),
+                "010201660168cb0402017501700001730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::None, SmtpTls::None, None)),
+                "010301660168cb0400017501700001730164",
+            ),
+            (ToMailer::Send { jobs: vec![job()] }, "0201010161016501740102"),
+            (ToMailer::Logging(logging(LogTarget::Syslog, log::LevelFilter::Info)), "030103"),
+        ];
+        golden(&samples, variant_to_mailer, 4);
+    }
+
+    #[test]
+    fn golden_bytes_from_mailer() {
+        let samples = [
+            (FromMailer::Hello { version: 1 }, "0001"),
+            (
+                FromMailer::Results { results: vec![result(MailOutcome::Retry("421".into()))] },
+                "01010301620103343231",
+            ),
+        ];
+        golden(&samples, variant_from_mailer, 2);
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_crosses_the_pipe() {
+        use std::os::unix::ffi::OsStringExt;
+        let path = PathBuf::from(std::ffi::OsString::from_vec(vec![b'/', 0xff]));
+        let m = ToMailer::Logging(logging(LogTarget::File(path), log::LevelFilter::Debug));
+        let mut out = Vec::new();
+        encode(&m, &mut out);
+        assert_eq!(decode::<ToMailer>(&out).unwrap().unwrap().0, m);
     }
 
     proptest! {

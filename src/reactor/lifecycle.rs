@@ -4,7 +4,7 @@ use super::conn::State;
 use super::store_link::Target;
 use super::Reactor;
 use crate::config::{Config, Transport};
-use crate::ipc::{ToMailer, ToStore};
+use crate::ipc::{LogSettings, ToMailer, ToStore};
 use crate::protocol::{self, Code};
 use mio::Events;
 use nix::sys::wait::waitpid;
@@ -66,7 +66,7 @@ impl Reactor {
         if let Err(e) = crate::logger::configure(&target, self.cfg.log_level) {
             log::error!("reload: cannot open the log: {e}");
         }
-        let logging = crate::logger::settings(&target, self.cfg.log_level);
+        let logging = LogSettings { target, level: self.cfg.log_level };
         self.store.settings = self.cfg.store_settings();
         self.store.child.send(&ToStore::Configure(self.store.settings.clone()));
         self.store.child.send(&ToStore::Logging(logging.clone()));
