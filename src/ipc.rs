@@ -29,21 +29,77 @@ pub const BATCH_BYTES: usize = MAX_FRAME / 4;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToStore {
     /// First record: the reactor's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// Upsert a subscription; `now` (Unix seconds) is its timestamp if it is new.
-    Subscribe { req: u64, email: String, event: String, now: i64 },
+    Subscribe {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The event name.
+        event: String,
+        /// Unix seconds now: the timestamp of a new subscription.
+        now: i64,
+    },
     /// Delete a subscription (no error when there was none).
-    Unsubscribe { req: u64, email: String, event: String },
+    Unsubscribe {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The event name.
+        event: String,
+    },
     /// Store a notification and queue its emails as `mail` says. Idempotent by `id`.
-    Publish { req: u64, id: u64, event: String, text: String, now: i64, mail: MailPlan },
+    Publish {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The notification id.
+        id: u64,
+        /// The event name.
+        event: String,
+        /// The notification text, as published.
+        text: String,
+        /// Unix seconds now: the notification's timestamp.
+        now: i64,
+        /// Whom the notification emails.
+        mail: MailPlan,
+    },
     /// The stored subscriptions of an address, answered with `ListChunk`s.
-    List { req: u64, email: String },
+    List {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+    },
     /// Durably reserve the next `count` notification ids (committed with synchronous=FULL).
-    ReserveIds { req: u64, count: u64 },
+    ReserveIds {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// How many ids.
+        count: u64,
+    },
     /// Hand out up to `max` emails that are due at `now`, leasing them to the caller.
-    TakeMail { req: u64, max: u32, now: i64 },
+    TakeMail {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// At most this many emails.
+        max: u32,
+        /// Unix seconds now: emails due by then are handed out.
+        now: i64,
+    },
     /// Outcomes reported by a mailer.
-    MailDone { req: u64, results: Vec<MailResult>, now: i64 },
+    MailDone {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// One outcome per email.
+        results: Vec<MailResult>,
+        /// Unix seconds now: when the outcomes were reported.
+        now: i64,
+    },
     /// Settings that a reload may change; applied between transactions.
     Configure(StoreSettings),
     /// Where to log, after a reload (the log file is reopened even when unchanged).
@@ -70,29 +126,67 @@ impl ToStore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromStore {
     /// First record: the store's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// The request is committed.
-    Done { req: u64 },
+    Done {
+        /// The request number, echoed in the answer.
+        req: u64,
+    },
     /// The request failed in the database (busy, disk full, read-only); it may or may not
     /// have taken effect.
-    Failed { req: u64, reason: String },
+    Failed {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// Why, for the log.
+        reason: String,
+    },
     /// Part of a LIST answer: `(event, created_at)` rows in event byte order; `last` ends it.
-    ListChunk { req: u64, rows: Vec<(String, i64)>, last: bool },
+    ListChunk {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// `(event, created_at)` rows.
+        rows: Vec<(String, i64)>,
+        /// This chunk ends the answer.
+        last: bool,
+    },
     /// Ids `start..end` are reserved for the reactor, durably.
-    Ids { req: u64, start: u64, end: u64 },
+    Ids {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The first id reserved.
+        start: u64,
+        /// One past the last id reserved.
+        end: u64,
+    },
     /// Emails to send now, and when the next pending one falls due (Unix seconds).
-    Mail { req: u64, jobs: Vec<MailJob>, next_due: Option<i64> },
+    Mail {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The emails.
+        jobs: Vec<MailJob>,
+        /// When the next pending email falls due (Unix seconds); `None` when none is pending.
+        next_due: Option<i64>,
+    },
 }
 
 /// Reactor → mailer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToMailer {
     /// First record: the reactor's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// The transport and its settings; sent after `Hello` and again after a reload.
     Configure(MailSettings),
     /// Send these emails and report one `MailResult` for each.
-    Send { jobs: Vec<MailJob> },
+    Send {
+        /// The emails.
+        jobs: Vec<MailJob>,
+    },
     /// Where to log, after a reload (the log file is reopened even when unchanged).
     Logging(LogSettings),
 }
@@ -140,9 +234,15 @@ mod path_bytes {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromMailer {
     /// First record: the mailer's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// Outcomes of (some of) the jobs it was sent, in any order.
-    Results { results: Vec<MailResult> },
+    Results {
+        /// One outcome per email.
+        results: Vec<MailResult>,
+    },
 }
 
 /// Whom a publication emails, decided by the reactor from `mail_policy` and

@@ -23,8 +23,9 @@ const READ_BUDGET: usize = 4 << 20;
 
 /// One supervised child.
 pub struct Child {
-    /// `notifd-store`, `notifd-mailer`: for the log.
+    /// `notifd-store`, `notifd-mailer 1`: for the log.
     pub name: String,
+    /// Its pid, from the fork until it is reaped.
     pub pid: Option<Pid>,
     tx: Option<Sender>,
     rx: Option<Receiver>,
@@ -43,6 +44,7 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child not forked yet, whose pipes will be polled under these tokens.
     pub fn new(name: String, rx_token: Token, tx_token: Token) -> Child {
         Child {
             name,

@@ -44,12 +44,19 @@ const FAN_KEEP: usize = 4 << 20;
 /// far below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
+    /// The listening socket: accept.
     Listener,
+    /// signal-hook-mio's pipe: a signal arrived.
     Signals,
+    /// The store's pipe to the reactor: records to read.
     StoreRead,
+    /// The reactor's pipe to the store: room to write.
     StoreWrite,
+    /// Mailer `i`'s pipe to the reactor.
     MailerRead(usize),
+    /// The reactor's pipe to mailer `i`.
     MailerWrite(usize),
+    /// A client connection, by slab key.
     Client(usize),
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 /// Which child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ChildId {
+    /// The store.
     Store,
     /// Index into the reactor's mailers.
     Mailer(usize),
