@@ -120,18 +120,11 @@ impl Child {
         Ok(())
     }
 
-    /// Reads what the pipe holds (bounded per turn). `Ok(true)`: EOF, the child is gone;
-    /// `Ok(false)` with `more`: the budget ran out before WouldBlock.
-    pub fn read(&mut self, more: &mut bool) -> io::Result<bool> {
-        let Some(rx) = self.rx.as_mut() else { return Ok(true) };
-        match self.reader.fill_from(rx, READ_BUDGET)? {
-            Filled::Eof => Ok(true),
-            Filled::Drained => Ok(false),
-            Filled::Budget => {
-                *more = true;
-                Ok(false)
-            }
-        }
+    /// Reads what the pipe holds, bounded per turn; a child whose pipes are closed
+    /// reads as `Eof`.
+    pub fn read(&mut self) -> io::Result<Filled> {
+        let Some(rx) = self.rx.as_mut() else { return Ok(Filled::Eof) };
+        self.reader.fill_from(rx, READ_BUDGET)
     }
 
     /// The next whole record read from the child.

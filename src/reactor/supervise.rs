@@ -3,7 +3,7 @@
 use super::child_link::Child;
 use super::store_link::Target;
 use super::{Reactor, Source};
-use crate::ipc::{self, FromMailer, FromStore, MailJob, ToMailer, ToStore};
+use crate::ipc::{self, Filled, FromMailer, FromStore, MailJob, ToMailer, ToStore};
 use mio::Registry;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -52,14 +52,18 @@ impl Reactor {
             }
             for ev in events.iter() {
                 match Source::of(ev.token()) {
-                    Source::StoreRead => self.child_readable(ChildId::Store),
-                    // Kept for the loop, which acts on them.
-                    Source::Signals => self.take_signals(),
-                    _ => {}
+                    // Clients wait until the store is up: accepted below.
+                    Source::Listener => {}
+                    source => self.dispatch(source, ev.is_readable(), ev.is_writable()),
                 }
             }
             self.flush_children();
         }
+        if let Some(why) = self.fatal.take() {
+            return Err(why);
+        }
+        // The listener is edge-triggered: take what came while we waited.
+        self.accept();
         Ok(())
     }
 
@@ -93,9 +97,8 @@ impl Reactor {
 
     /// Reads what the child sent and dispatches each whole record.
     pub(super) fn child_readable(&mut self, id: ChildId) {
-        let mut more = false;
-        let eof = match self.child(id).read(&mut more) {
-            Ok(eof) => eof,
+        let filled = match self.child(id).read() {
+            Ok(filled) => filled,
             Err(e) => return self.child_lost(id, &format!("read: {e}")),
         };
         loop {
@@ -119,11 +122,11 @@ impl Reactor {
                 Err(e) => return self.child_lost(id, &format!("broken record: {e}")),
             }
         }
-        if eof {
-            self.child_lost(id, "pipe closed");
-        } else if more {
+        match filled {
+            Filled::Eof => self.child_lost(id, "pipe closed"),
             // Come back next turn: edge-triggered, and the budget stopped us early.
-            self.resume_child.push(id);
+            Filled::Budget => self.resume_child.push(id),
+            Filled::Drained => {}
         }
     }
 
