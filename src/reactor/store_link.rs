@@ -49,11 +49,8 @@ pub(super) struct StoreLink {
     /// When each client request in flight times out, oldest first.
     pub(super) deadlines: VecDeque<(Instant, u64)>,
     next_req: u64,
-    /// The id block in use, and the next one once the store reserved it.
-    ids: Range<u64>,
-    spare_ids: Option<Range<u64>>,
-    /// A `ReserveIds` is in flight.
-    pub(super) ids_requested: bool,
+    /// Notification ids the store reserved durably.
+    pub(super) ids: IdBlocks,
     /// Requests to send again after a database error, and when.
     pub(super) deferred: Vec<(Instant, ToStore, Target)>,
     /// What the store is told at start and after a reload.
@@ -67,9 +64,7 @@ impl StoreLink {
             pending: BTreeMap::new(),
             deadlines: VecDeque::new(),
             next_req: 1,
-            ids: 0..0,
-            spare_ids: None,
-            ids_requested: false,
+            ids: IdBlocks::default(),
             deferred: Vec::new(),
             settings,
         }
@@ -77,12 +72,53 @@ impl StoreLink {
 
     /// Some notification id can be handed out now.
     pub(super) fn has_ids(&self) -> bool {
-        !self.ids.is_empty() || self.spare_ids.is_some()
+        self.ids.has()
     }
 
     /// Too much is waiting on the store to take more commands that need it.
     pub(super) fn congested(&self) -> bool {
         self.child.backlog() > STORE_BACKLOG_MAX || self.pending.len() > STORE_PENDING_MAX
+    }
+}
+
+/// Notification ids: the block in use, and the next one once the store reserved it.
+#[derive(Default)]
+pub(super) struct IdBlocks {
+    current: Range<u64>,
+    spare: Option<Range<u64>>,
+    /// A `ReserveIds` is in flight.
+    pub(super) requested: bool,
+}
+
+impl IdBlocks {
+    /// Some id can be handed out now.
+    fn has(&self) -> bool {
+        !self.current.is_empty() || self.spare.is_some()
+    }
+
+    /// The next id, moving to the spare block when the current one is used up.
+    fn take(&mut self) -> Option<u64> {
+        if self.current.is_empty() {
+            self.current = self.spare.take()?;
+        }
+        let id = self.current.start;
+        self.current.start += 1;
+        Some(id)
+    }
+
+    /// Under half a block left and none spare: time to ask for the next.
+    fn low(&self) -> bool {
+        self.current.end - self.current.start < ID_BLOCK / 2 && self.spare.is_none()
+    }
+
+    /// A block the store reserved.
+    fn got(&mut self, ids: Range<u64>) {
+        self.requested = false;
+        if self.current.is_empty() {
+            self.current = ids;
+        } else {
+            self.spare = Some(ids);
+        }
     }
 }
 
@@ -112,20 +148,17 @@ impl Reactor {
     /// The next notification id; `None` when no block is reserved (`can_take` checks
     /// `has_ids` first, so only a bug gets here).
     pub(super) fn take_id(&mut self) -> Option<u64> {
-        if self.store.ids.is_empty() {
-            self.store.ids = self.store.spare_ids.take()?;
-        }
-        let id = self.store.ids.start;
-        self.store.ids.start += 1;
-        if self.store.ids.end - self.store.ids.start < ID_BLOCK / 2 && self.store.spare_ids.is_none() {
+        let id = self.store.ids.take()?;
+        if self.store.ids.low() {
             self.ask_ids();
         }
         Some(id)
     }
 
+    /// Asks the store for the next block of ids, unless that is already in flight.
     pub(super) fn ask_ids(&mut self) {
-        if !self.store.ids_requested {
-            self.store.ids_requested = true;
+        if !self.store.ids.requested {
+            self.store.ids.requested = true;
             self.send_store(|req| ToStore::ReserveIds { req, count: ID_BLOCK }, Target::Ids);
         }
     }
@@ -142,7 +175,7 @@ impl Reactor {
             FromStore::ListChunk { req, rows, last } => self.list_chunk(req, rows, last),
             FromStore::Ids { req, start, end } => {
                 self.store.pending.remove(&req);
-                self.got_ids(start..end);
+                self.store.ids.got(start..end);
             }
             FromStore::Mail { req, jobs, next_due } => {
                 self.store.pending.remove(&req);
@@ -150,15 +183,6 @@ impl Reactor {
             }
         }
         Ok(())
-    }
-
-    pub(super) fn got_ids(&mut self, ids: Range<u64>) {
-        self.store.ids_requested = false;
-        if self.store.ids.is_empty() {
-            self.store.ids = ids;
-        } else {
-            self.store.spare_ids = Some(ids);
-        }
     }
 
     /// The connection slot a store request answers, if the connection is still there.
@@ -310,5 +334,31 @@ impl Reactor {
             }
             self.fill_slot(key, seq, |out| protocol::err(out, Code::Unavailable, text));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_in_order_across_blocks() {
+        let mut ids = IdBlocks::default();
+        assert!(!ids.has() && ids.take().is_none());
+        ids.requested = true;
+        ids.got(1..1 + ID_BLOCK);
+        assert!(!ids.requested && ids.has() && !ids.low());
+        for want in 1..=ID_BLOCK / 2 + 1 {
+            assert_eq!(ids.take(), Some(want));
+        }
+        assert!(ids.low());
+        ids.got(50_000..50_000 + ID_BLOCK);
+        assert!(!ids.low());
+        while ids.current.start < ids.current.end {
+            ids.take();
+        }
+        // The spare block takes over; a whole block left is not low.
+        assert_eq!(ids.take(), Some(50_000));
+        assert!(ids.has() && !ids.low());
     }
 }

@@ -193,7 +193,7 @@ impl Reactor {
             self.fail_reply(&r.target, "the store failed twice on this command");
             match r.target {
                 Target::Ids => {
-                    self.store.ids_requested = false;
+                    self.store.ids.requested = false;
                     self.ask_ids();
                 }
                 Target::TakeMail => self.mail.asking = false,
