@@ -7,11 +7,12 @@
 //! A frame is a 4-byte little-endian length, then that many postcard bytes. The length is
 //! checked against [`MAX_FRAME`] before anything is allocated for it.
 
-pub use crate::config::{SmtpTls, Transport};
+pub use crate::config::{LogTarget, SmtpTls, Transport};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read};
+use std::path::PathBuf;
 
 /// Version of the records below; bumped when a variant changes meaning.
 pub const VERSION: u32 = 1;
@@ -28,21 +29,77 @@ pub const BATCH_BYTES: usize = MAX_FRAME / 4;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToStore {
     /// First record: the reactor's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// Upsert a subscription; `now` (Unix seconds) is its timestamp if it is new.
-    Subscribe { req: u64, email: String, event: String, now: i64 },
+    Subscribe {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The event name.
+        event: String,
+        /// Unix seconds now: the timestamp of a new subscription.
+        now: i64,
+    },
     /// Delete a subscription (no error when there was none).
-    Unsubscribe { req: u64, email: String, event: String },
+    Unsubscribe {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The event name.
+        event: String,
+    },
     /// Store a notification and queue its emails as `mail` says. Idempotent by `id`.
-    Publish { req: u64, id: u64, event: String, text: String, now: i64, mail: MailPlan },
+    Publish {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The notification id.
+        id: u64,
+        /// The event name.
+        event: String,
+        /// The notification text, as published.
+        text: String,
+        /// Unix seconds now: the notification's timestamp.
+        now: i64,
+        /// Whom the notification emails.
+        mail: MailPlan,
+    },
     /// The stored subscriptions of an address, answered with `ListChunk`s.
-    List { req: u64, email: String },
+    List {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+    },
     /// Durably reserve the next `count` notification ids (committed with synchronous=FULL).
-    ReserveIds { req: u64, count: u64 },
+    ReserveIds {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// How many ids.
+        count: u64,
+    },
     /// Hand out up to `max` emails that are due at `now`, leasing them to the caller.
-    TakeMail { req: u64, max: u32, now: i64 },
+    TakeMail {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// At most this many emails.
+        max: u32,
+        /// Unix seconds now: emails due by then are handed out.
+        now: i64,
+    },
     /// Outcomes reported by a mailer.
-    MailDone { req: u64, results: Vec<MailResult>, now: i64 },
+    MailDone {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// One outcome per email.
+        results: Vec<MailResult>,
+        /// Unix seconds now: when the outcomes were reported.
+        now: i64,
+    },
     /// Settings that a reload may change; applied between transactions.
     Configure(StoreSettings),
     /// Where to log, after a reload (the log file is reopened even when unchanged).
@@ -69,29 +126,67 @@ impl ToStore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromStore {
     /// First record: the store's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// The request is committed.
-    Done { req: u64 },
+    Done {
+        /// The request number, echoed in the answer.
+        req: u64,
+    },
     /// The request failed in the database (busy, disk full, read-only); it may or may not
     /// have taken effect.
-    Failed { req: u64, reason: String },
+    Failed {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// Why, for the log.
+        reason: String,
+    },
     /// Part of a LIST answer: `(event, created_at)` rows in event byte order; `last` ends it.
-    ListChunk { req: u64, rows: Vec<(String, i64)>, last: bool },
+    ListChunk {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// `(event, created_at)` rows.
+        rows: Vec<(String, i64)>,
+        /// This chunk ends the answer.
+        last: bool,
+    },
     /// Ids `start..end` are reserved for the reactor, durably.
-    Ids { req: u64, start: u64, end: u64 },
+    Ids {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The first id reserved.
+        start: u64,
+        /// One past the last id reserved.
+        end: u64,
+    },
     /// Emails to send now, and when the next pending one falls due (Unix seconds).
-    Mail { req: u64, jobs: Vec<MailJob>, next_due: Option<i64> },
+    Mail {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The emails.
+        jobs: Vec<MailJob>,
+        /// When the next pending email falls due (Unix seconds); `None` when none is pending.
+        next_due: Option<i64>,
+    },
 }
 
 /// Reactor → mailer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToMailer {
     /// First record: the reactor's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// The transport and its settings; sent after `Hello` and again after a reload.
     Configure(MailSettings),
     /// Send these emails and report one `MailResult` for each.
-    Send { jobs: Vec<MailJob> },
+    Send {
+        /// The emails.
+        jobs: Vec<MailJob>,
+    },
     /// Where to log, after a reload (the log file is reopened even when unchanged).
     Logging(LogSettings),
 }
@@ -99,19 +194,55 @@ pub enum ToMailer {
 /// The log of a child, as a reload leaves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogSettings {
-    /// `None`: standard error; `Some("")`: syslog; else a file path.
-    pub file: Option<String>,
-    /// 1 error, 2 warn, 3 info, 4 debug, 5 trace.
-    pub level: u8,
+    /// Where the log goes.
+    #[serde(with = "LogTargetDef")]
+    pub target: LogTarget,
+    /// The most detailed level logged (postcard: its index, `Off` 0 to `Trace` 5, as the
+    /// `log` crate serializes it).
+    pub level: log::LevelFilter,
+}
+
+/// The wire form of [`LogTarget`], which lives in the configuration: serde's remote
+/// derive, so that its variant order here is the wire format.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "LogTarget")]
+enum LogTargetDef {
+    Stderr,
+    Syslog,
+    File(#[serde(with = "path_bytes")] PathBuf),
+}
+
+/// A path as its bytes: any Unix path crosses the pipe, UTF-8 or not (serde's own form
+/// of a path refuses what is not UTF-8).
+mod path_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(path.as_os_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+        Ok(PathBuf::from(OsString::from_vec(bytes)))
+    }
 }
 
 /// Mailer → reactor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromMailer {
     /// First record: the mailer's record version.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's record version, [`VERSION`] if it is this build.
+        version: u32,
+    },
     /// Outcomes of (some of) the jobs it was sent, in any order.
-    Results { results: Vec<MailResult> },
+    Results {
+        /// One outcome per email.
+        results: Vec<MailResult>,
+    },
 }
 
 /// Whom a publication emails, decided by the reactor from `mail_policy` and
@@ -490,6 +621,212 @@ mod tests {
         }
         assert_eq!(got, sample());
         assert_eq!(r.pending(), 0);
+    }
+
+    /// The postcard bytes of a record, as hex.
+    fn hex<T: Serialize>(msg: &T) -> String {
+        postcard::to_stdvec(msg).unwrap().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn mail_settings(transport: Transport, smtp_tls: SmtpTls, smtp_ca_pem: Option<Vec<u8>>) -> MailSettings {
+        MailSettings {
+            transport,
+            from: "f".into(),
+            smtp_host: "h".into(),
+            smtp_port: 587,
+            smtp_tls,
+            smtp_user: "u".into(),
+            smtp_password: "p".into(),
+            smtp_ca_pem,
+            sendmail_path: "s".into(),
+            spool_dir: "d".into(),
+        }
+    }
+
+    fn job() -> MailJob {
+        MailJob { id: 1, email: "a".into(), event: "e".into(), text: "t".into(), created_at: -1, tries: 2 }
+    }
+
+    fn result(outcome: MailOutcome) -> MailResult {
+        MailResult { id: 3, email: "b".into(), outcome }
+    }
+
+    fn logging(target: LogTarget, level: log::LevelFilter) -> LogSettings {
+        LogSettings { target, level }
+    }
+
+    /// `(index, count)` of `m`'s variant among the listed ones, by a match with no `_`
+    /// arm: a new variant does not compile until it is listed, and then `golden` wants
+    /// a sample of it.
+    macro_rules! variant_of {
+        ($m:expr, $($pat:pat),+ $(,)?) => {{
+            let names = [$(stringify!($pat)),+];
+            let name = match $m { $($pat => stringify!($pat)),+ };
+            (names.iter().position(|n| *n == name).unwrap(), names.len())
+        }};
+    }
+
+    /// Checks each sample's bytes, and that the samples cover every variant; the first
+    /// byte of each record is its variant index, which is wire format (append-only).
+    fn golden<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(
+        samples: &[(T, &str)],
+        variant: fn(&T) -> (usize, usize),
+    ) {
+        let mut seen = vec![false; samples.first().map_or(0, |(m, _)| variant(m).1)];
+        for (m, want) in samples {
+            assert_eq!(hex(m), *want, "{m:?}");
+            let bytes = postcard::to_stdvec(m).unwrap();
+            let (back, rest) = postcard::take_from_bytes::<T>(&bytes).unwrap();
+            assert!(rest.is_empty() && back == *m, "{m:?}");
+            assert_eq!(bytes[0] as usize, variant(m).0, "{m:?}");
+            seen[variant(m).0] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "a variant has no golden sample: {seen:?}");
+    }
+
+    #[test]
+    fn golden_bytes_to_store() {
+        use log::LevelFilter as L;
+        let store = StoreSettings {
+            sync_full: true,
+            keep_days: 30,
+            mail_retry_base: 60,
+            mail_max_tries: 5,
+            busy_timeout_ms: 1000,
+        };
+        let publish =
+            |now, mail| ToStore::Publish { req: 3, id: 4, event: "e".into(), text: "t".into(), now, mail };
+        let samples = [
+            (ToStore::Hello { version: 1 }, "0001"),
+            (
+                ToStore::Subscribe { req: 1, email: "a@b".into(), event: "e".into(), now: 300 },
+                "0101036140620165d804",
+            ),
+            (ToStore::Unsubscribe { req: 2, email: "a@b".into(), event: "e".into() }, "0202036140620165"),
+            (publish(-2, MailPlan::Nobody), "030304016501740300"),
+            (publish(0, MailPlan::All), "030304016501740001"),
+            (publish(0, MailPlan::AllExcept(vec!["x".into()])), "030304016501740002010178"),
+            (ToStore::List { req: 5, email: "a".into() }, "04050161"),
+            (ToStore::ReserveIds { req: 6, count: 10_000 }, "0506904e"),
+            (ToStore::TakeMail { req: 7, max: 256, now: 1 }, "0607800202"),
+            (
+                ToStore::MailDone {
+                    req: 8,
+                    results: vec![
+                        result(MailOutcome::Sent),
+                        result(MailOutcome::Retry("r".into())),
+                        result(MailOutcome::Fail("f".into())),
+                    ],
+                    now: 2,
+                },
+                "0708030301620003016201017203016202016604",
+            ),
+            (ToStore::Configure(store), "08011e3c05e807"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Off)), "090000"),
+            (ToStore::Logging(logging(LogTarget::Syslog, L::Error)), "090101"),
+            (ToStore::Logging(logging(LogTarget::File("/l".into()), L::Warn)), "0902022f6c02"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Info)), "090003"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Debug)), "090004"),
+            (ToStore::Logging(logging(LogTarget::Stderr, L::Trace)), "090005"),
+        ];
+        golden(&samples, |m| {
+            use ToStore::*;
+            variant_of!(
+                m,
+                Hello { .. },
+                Subscribe { .. },
+                Unsubscribe { .. },
+                Publish { .. },
+                List { .. },
+                ReserveIds { .. },
+                TakeMail { .. },
+                MailDone { .. },
+                Configure(_),
+                Logging(_)
+            )
+        });
+    }
+
+    #[test]
+    fn golden_bytes_from_store() {
+        let samples = [
+            (FromStore::Hello { version: 1 }, "0001"),
+            (FromStore::Done { req: 300 }, "01ac02"),
+            (FromStore::Failed { req: 1, reason: "r".into() }, "02010172"),
+            (FromStore::ListChunk { req: 2, rows: vec![("e".into(), 5)], last: true }, "03020101650a01"),
+            (FromStore::Ids { req: 3, start: 1, end: 10_001 }, "040301914e"),
+            (
+                FromStore::Mail { req: 4, jobs: vec![job()], next_due: Some(9) },
+                "0504010101610165017401020112",
+            ),
+            (FromStore::Mail { req: 4, jobs: vec![], next_due: None }, "05040000"),
+        ];
+        golden(&samples, |m| {
+            use FromStore::*;
+            variant_of!(
+                m,
+                Hello { .. },
+                Done { .. },
+                Failed { .. },
+                ListChunk { .. },
+                Ids { .. },
+                Mail { .. }
+            )
+        });
+    }
+
+    #[test]
+    fn golden_bytes_to_mailer() {
+        let samples = [
+            (ToMailer::Hello { version: 1 }, "0001"),
+            (
+                ToMailer::Configure(mail_settings(Transport::Smtp, SmtpTls::None, None)),
+                "010001660168cb0400017501700001730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::Sendmail, SmtpTls::Starttls, Some(vec![7]))),
+                "010101660168cb04010175017001010701730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::Spool, SmtpTls::Tls, None)),
+                "010201660168cb0402017501700001730164",
+            ),
+            (
+                ToMailer::Configure(mail_settings(Transport::None, SmtpTls::None, None)),
+                "010301660168cb0400017501700001730164",
+            ),
+            (ToMailer::Send { jobs: vec![job()] }, "0201010161016501740102"),
+            (ToMailer::Logging(logging(LogTarget::Syslog, log::LevelFilter::Info)), "030103"),
+        ];
+        golden(&samples, |m| {
+            use ToMailer::*;
+            variant_of!(m, Hello { .. }, Configure(_), Send { .. }, Logging(_))
+        });
+    }
+
+    #[test]
+    fn golden_bytes_from_mailer() {
+        let samples = [
+            (FromMailer::Hello { version: 1 }, "0001"),
+            (
+                FromMailer::Results { results: vec![result(MailOutcome::Retry("421".into()))] },
+                "01010301620103343231",
+            ),
+        ];
+        golden(&samples, |m| {
+            use FromMailer::*;
+            variant_of!(m, Hello { .. }, Results { .. })
+        });
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_crosses_the_pipe() {
+        use std::os::unix::ffi::OsStringExt;
+        let path = PathBuf::from(std::ffi::OsString::from_vec(vec![b'/', 0xff]));
+        let m = ToMailer::Logging(logging(LogTarget::File(path), log::LevelFilter::Debug));
+        let mut out = Vec::new();
+        encode(&m, &mut out);
+        assert_eq!(decode::<ToMailer>(&out).unwrap().unwrap().0, m);
     }
 
     proptest! {

@@ -206,34 +206,9 @@ pub fn reopen() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The current target and level as a record for a child.
-pub fn settings(target: &LogTarget, level: log::LevelFilter) -> crate::ipc::LogSettings {
-    crate::ipc::LogSettings {
-        file: match target {
-            LogTarget::Stderr => None,
-            LogTarget::Syslog => Some(String::new()),
-            LogTarget::File(p) => Some(p.display().to_string()),
-        },
-        level: level as u8,
-    }
-}
-
-/// Applies a [`settings`] record in a child.
+/// Applies a [`crate::ipc::LogSettings`] record in a child.
 pub fn apply(s: &crate::ipc::LogSettings) {
-    let target = match s.file.as_deref() {
-        None => LogTarget::Stderr,
-        Some("") => LogTarget::Syslog,
-        Some(p) => LogTarget::File(p.into()),
-    };
-    let level = match s.level {
-        0 => log::LevelFilter::Off,
-        1 => log::LevelFilter::Error,
-        2 => log::LevelFilter::Warn,
-        3 => log::LevelFilter::Info,
-        4 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    if let Err(e) = configure(&target, level) {
+    if let Err(e) = configure(&s.target, s.level) {
         log::warn!("cannot reopen the log: {e}");
     }
 }

@@ -182,11 +182,13 @@ fn serve(
         daemon::write_pid_file(&pid_file).map_err(fatal)?;
     }
     ready.ok();
+    // A fatal error (a child speaking another record version) comes back here too, so
+    // that the pid file goes with the daemon.
     let status = r.run();
     if detach {
         let _ = std::fs::remove_file(&pid_file);
     }
-    Ok(status)
+    status.map_err(fatal)
 }
 
 #[cfg(test)]

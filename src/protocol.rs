@@ -54,17 +54,41 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {
     /// `SUB <event> <email>`.
-    Sub { event: &'a str, email: Cow<'a, str> },
+    Sub {
+        /// The event name.
+        event: &'a str,
+        /// The address, its domain lowercased.
+        email: Cow<'a, str>,
+    },
     /// `UNSUB <event> <email>`.
-    Unsub { event: &'a str, email: Cow<'a, str> },
+    Unsub {
+        /// The event name.
+        event: &'a str,
+        /// The address, its domain lowercased.
+        email: Cow<'a, str>,
+    },
     /// `PUB <event> <text>`.
-    Pub { event: &'a str, text: &'a str },
+    Pub {
+        /// The event name.
+        event: &'a str,
+        /// The rest of the line, exactly.
+        text: &'a str,
+    },
     /// `AUTH <token>`.
-    Auth { token: &'a str },
+    Auth {
+        /// The token the client offers.
+        token: &'a str,
+    },
     /// `LIST <email>`.
-    List { email: Cow<'a, str> },
+    List {
+        /// The address, its domain lowercased.
+        email: Cow<'a, str>,
+    },
     /// `PING [<text>]`.
-    Ping { text: Option<&'a str> },
+    Ping {
+        /// Echoed in the `PONG`.
+        text: Option<&'a str>,
+    },
     /// `QUIT`.
     Quit,
 }
@@ -232,7 +256,7 @@ fn valid_text(s: &str) -> Result<&str, ProtoError> {
     }
 }
 
-/// A mailbox `local@domain` per PROTOCOL.md, with the domain lowercased; `None` if invalid.
+/// A mailbox `local@domain` per notifd-protocol(7), with the domain lowercased; `None` if invalid.
 pub fn valid_email(s: &[u8]) -> Option<Cow<'_, str>> {
     if s.len() > 254 || !s.is_ascii() {
         return None;

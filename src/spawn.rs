@@ -7,8 +7,11 @@
 //! asks for SIGKILL when the parent dies, and names itself for `ps -o comm`.
 
 use mio::unix::pipe::{Receiver, Sender};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::prctl;
 use nix::sys::signal::{sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{dup2, fork, ForkResult, Pid};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -35,9 +38,17 @@ pub fn spawn(
     let (to_child_tx, to_child_rx) = mio::unix::pipe::new()?;
     let (from_child_tx, from_child_rx) = mio::unix::pipe::new()?;
     let parent = nix::unistd::getpid();
-    // SAFETY: the reactor is single-threaded, so the child cannot inherit a lock held by
-    // another thread; the child only calls async-signal-safe functions until it has
-    // closed every inherited descriptor, and then runs ordinary single-threaded code.
+    // SAFETY: fork is sound here because the reactor process has one thread at every
+    // fork (notifd starts no thread in it: signals come through signal-hook-mio's
+    // self-pipe, SQLite and lettre run only in the children, and `daemon::detach` forks
+    // before any of this). So no lock (malloc's, the logger's Mutex, stdio's) can be held
+    // by a thread that does not exist in the child, and the child may run ordinary Rust
+    // code — allocate, log, open files — rather than only async-signal-safe calls. What
+    // the child must still do, and does below: drop every descriptor it inherited
+    // except its two pipe ends before it runs `body` (so it never touches the parent's
+    // poll instance, sockets or the other children's pipes), reset the signal handlers
+    // the parent installed, and never return into the parent's code paths: `body` runs
+    // and the child exits.
     match unsafe { fork() }.map_err(io::Error::from)? {
         ForkResult::Parent { child } => {
             drop(to_child_rx);
@@ -51,8 +62,7 @@ pub fn spawn(
             let (input, output) = keep_only(OwnedFd::from(to_child_rx), OwnedFd::from(from_child_tx));
             crate::logger::restore(log);
             reset_signals();
-            // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let _ = prctl::set_pdeathsig(Signal::SIGKILL);
             if nix::unistd::getppid() != parent {
                 // The parent died before PDEATHSIG was armed.
                 std::process::exit(0);
@@ -60,7 +70,9 @@ pub fn spawn(
             set_name(name);
             // The reactor is what clients wait on: when a child and the reactor want the
             // same CPU, the reactor should win. Batches in a child only grow a little.
-            // SAFETY: setpriority on this process; raising niceness needs no privilege.
+            // nix has no setpriority.
+            // SAFETY: setpriority on this process, with no pointer; raising the niceness
+            // needs no privilege, and a failure only leaves the child as nice as the parent.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CHILD_NICENESS) };
             crate::logger::set_role(role);
             std::process::exit(body(input, output));
@@ -71,18 +83,19 @@ pub fn spawn(
 /// Moves the pipe ends to fds 3 and 4 and closes every other descriptor above 2.
 fn keep_only(input: OwnedFd, output: OwnedFd) -> (OwnedFd, OwnedFd) {
     // Duplicate above the low numbers first, so that moving to 3 and 4 cannot clobber
-    // one end with the other.
-    let high_in = dup_above(input.as_raw_fd(), 100);
-    let high_out = dup_above(output.as_raw_fd(), 100);
-    // SAFETY: dup2 onto fixed numbers; the old descriptors are closed by close_range below.
-    unsafe {
-        libc::dup2(high_in, 3);
-        libc::dup2(high_out, 4);
-    }
+    // one end with the other. A failure here leaves the child without its pipes: it
+    // then fails its first read or write and exits, and the reactor restarts it.
+    let high_in = fcntl(input.as_raw_fd(), FcntlArg::F_DUPFD(100)).unwrap_or(-1);
+    let high_out = fcntl(output.as_raw_fd(), FcntlArg::F_DUPFD(100)).unwrap_or(-1);
+    let _ = dup2(high_in, 3);
+    let _ = dup2(high_out, 4);
+    // Closed with everything else just below, by number.
     std::mem::forget(input);
     std::mem::forget(output);
-    // SAFETY: closes descriptors this process does not own any more; fds 3 and 4 are
-    // re-owned just below and nothing else is used afterwards.
+    // nix has no close_range.
+    // SAFETY: closes descriptors by number; the only ones this process still owns as
+    // Rust objects are 0 to 2 (stdio) and 3 and 4 (re-owned just below), so nothing
+    // closed here is used afterwards.
     unsafe {
         if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
             for fd in 5..1024 {
@@ -90,21 +103,12 @@ fn keep_only(input: OwnedFd, output: OwnedFd) -> (OwnedFd, OwnedFd) {
             }
         }
     }
-    // SAFETY: fds 3 and 4 are open and owned by nobody else in this process.
+    // SAFETY: fds 3 and 4 are open (the dup2 above) and owned by nothing else in this
+    // process: whatever held those numbers before was closed by dup2.
     let (input, output) = unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) };
-    set_cloexec(&input);
-    set_cloexec(&output);
+    let _ = fcntl(3, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let _ = fcntl(4, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     (input, output)
-}
-
-fn dup_above(fd: i32, min: i32) -> i32 {
-    // SAFETY: F_DUPFD on an open descriptor.
-    unsafe { libc::fcntl(fd, libc::F_DUPFD, min) }
-}
-
-fn set_cloexec(fd: &OwnedFd) {
-    // SAFETY: F_SETFD on an open descriptor.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
 /// Children ignore the signals meant for the parent and take the defaults for the rest.
@@ -120,33 +124,30 @@ fn reset_signals() {
             Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGPIPE => SigHandler::SigIgn,
             _ => SigHandler::SigDfl,
         };
-        // SAFETY: installing SIG_IGN or SIG_DFL is always sound.
+        // SAFETY: installing SIG_IGN or SIG_DFL runs no code of ours in a handler, so
+        // nothing can break async-signal-safety; nix makes every `signal` call need this.
         let _ = unsafe { nix::sys::signal::signal(sig, handler) };
     }
 }
 
-/// Sets the process name shown by `ps -o comm` (at most 15 bytes).
+/// Sets the process name shown by `ps -o comm` (the kernel keeps at most 15 bytes).
 pub fn set_name(name: &str) {
-    let mut buf = [0u8; 16];
-    let n = name.len().min(15);
-    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+    let bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    if let Ok(name) = CString::new(bytes) {
+        let _ = prctl::set_name(&name);
+    }
 }
 
 /// Asks for a 1 MiB pipe buffer, so a burst of records needs fewer wake-ups; the kernel
 /// may refuse (pipe-max-size), which only costs speed.
 fn grow_pipe(fd: &impl AsRawFd) {
-    // SAFETY: F_SETPIPE_SZ on an open pipe descriptor.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1 << 20));
 }
 
-/// Makes a child's pipe end blocking (the child waits on its parent as it likes).
+/// Makes a child's pipe end blocking or not (the child waits on its parent as it likes).
 pub fn set_blocking(fd: &OwnedFd, blocking: bool) {
-    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        let fl = if blocking { fl & !libc::O_NONBLOCK } else { fl | libc::O_NONBLOCK };
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl);
-    }
+    let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) else { return };
+    let mut flags = OFlag::from_bits_truncate(flags);
+    flags.set(OFlag::O_NONBLOCK, !blocking);
+    let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags));
 }

@@ -165,8 +165,7 @@ pub struct Store {
 impl Store {
     /// Wraps an open database.
     pub fn new(db: Connection, settings: StoreSettings) -> Store {
-        let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
-        Store { db, settings, rng: seed | 1 }
+        Store { db, settings, rng: jitter_seed() | 1 }
     }
 
     /// Makes emails left leased by a store that died available again. Run at start-up:
@@ -492,6 +491,16 @@ impl Store {
     }
 }
 
+/// A seed for the retry jitter that differs between stores and between restarts: the
+/// clock's nanoseconds with the pid in the high bits.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
 /// The store process's main loop. Returns the exit status.
 pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: OwnedFd) -> i32 {
     // Non-blocking in, so a batch is "whatever is there"; blocking out, since the store
@@ -640,6 +649,16 @@ mod tests {
         assert_eq!(retry_delay(30, 30, 1.0), 3600);
         assert_eq!(retry_delay(30, 1, 0.8), 24);
         assert_eq!(retry_delay(30, 1, 5.0), 36);
+    }
+
+    #[test]
+    fn the_jitter_seed_is_more_than_the_pid() {
+        // It was the pid plus Instant::now().elapsed(), about zero nanoseconds.
+        let pid = u64::from(std::process::id());
+        let seed = jitter_seed();
+        assert_ne!(seed, pid);
+        // The clock's part: nanoseconds since 1970 are far from zero.
+        assert!(seed ^ (pid << 32) > 1 << 60);
     }
 
     #[test]

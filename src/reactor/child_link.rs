@@ -23,8 +23,9 @@ const READ_BUDGET: usize = 4 << 20;
 
 /// One supervised child.
 pub struct Child {
-    /// `notifd-store`, `notifd-mailer`: for the log.
+    /// `notifd-store`, `notifd-mailer 1`: for the log.
     pub name: String,
+    /// Its pid, from the fork until it is reaped.
     pub pid: Option<Pid>,
     tx: Option<Sender>,
     rx: Option<Receiver>,
@@ -43,6 +44,7 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child not forked yet, whose pipes will be polled under these tokens.
     pub fn new(name: String, rx_token: Token, tx_token: Token) -> Child {
         Child {
             name,
@@ -118,18 +120,11 @@ impl Child {
         Ok(())
     }
 
-    /// Reads what the pipe holds (bounded per turn). `Ok(true)`: EOF, the child is gone;
-    /// `Ok(false)` with `more`: the budget ran out before WouldBlock.
-    pub fn read(&mut self, more: &mut bool) -> io::Result<bool> {
-        let Some(rx) = self.rx.as_mut() else { return Ok(true) };
-        match self.reader.fill_from(rx, READ_BUDGET)? {
-            Filled::Eof => Ok(true),
-            Filled::Drained => Ok(false),
-            Filled::Budget => {
-                *more = true;
-                Ok(false)
-            }
-        }
+    /// Reads what the pipe holds, bounded per turn; a child whose pipes are closed
+    /// reads as `Eof`.
+    pub fn read(&mut self) -> io::Result<Filled> {
+        let Some(rx) = self.rx.as_mut() else { return Ok(Filled::Eof) };
+        self.reader.fill_from(rx, READ_BUDGET)
     }
 
     /// The next whole record read from the child.

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 pub enum State {
     /// Reading commands.
     Open,
-    /// QUIT or EOF was read (or the server is stopping): no more commands are read; the
-    /// connection closes once every reply is out.
+    /// QUIT, EOF or a third failed AUTH: no more commands are read; the connection
+    /// closes once every reply is out.
     Draining,
     /// The server is stopping: no more commands are read; the connection gets its
     /// replies, then `-ERR BUSY shutting down`, then is closed.
@@ -35,8 +35,11 @@ pub struct Conn {
     /// Unique over the daemon's life, so a late store answer never reaches a newer
     /// connection that reuses the same slab key.
     pub id: u64,
+    /// The socket, registered with the reactor's poll under the slab key.
     pub sock: TcpStream,
+    /// The client's address (an IPv4-mapped IPv6 address as IPv4).
     pub peer: SocketAddr,
+    /// Where it is in its life.
     pub state: State,
     /// Bytes read but not yet taken as lines: at most `max_line` of a partial line, or
     /// more while command processing is paused.
@@ -51,11 +54,13 @@ pub struct Conn {
     pub shared: (u32, u32),
     /// Replies not yet moved to `out`, oldest first; `first_seq` numbers the front one.
     pub slots: VecDeque<Slot>,
+    /// The sequence number of the front slot.
     pub first_seq: u64,
     /// Live subscriptions: (event, email) pairs.
     pub subs: Subs,
     /// The `publish_token` generation this connection authenticated with (0: none).
     pub auth_gen: u64,
+    /// Wrong tokens so far; the third closes the connection.
     pub auth_failures: u8,
     /// From a loopback address: may PUB and LIST without a token.
     pub loopback: bool,
@@ -68,6 +73,7 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A new connection, open, with nothing to send yet.
     pub fn new(id: u64, sock: TcpStream, peer: SocketAddr) -> Conn {
         let loopback = match peer.ip() {
             std::net::IpAddr::V4(a) => a.is_loopback(),

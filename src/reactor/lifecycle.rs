@@ -1,29 +1,20 @@
 //! Signals: reloading the configuration (SIGHUP) and stopping gracefully (SIGTERM, SIGINT).
 
 use super::conn::State;
-use super::{Reactor, Target};
-use crate::config::Config;
-use crate::config::Transport;
-use crate::ipc::{ToMailer, ToStore};
+use super::store_link::Target;
+use super::Reactor;
+use crate::config::{Config, Transport};
+use crate::ipc::{LogSettings, ToMailer, ToStore};
 use crate::protocol::{self, Code};
 use mio::Events;
 use nix::sys::wait::waitpid;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// How long a stopping server gives slow clients to take their last bytes.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 
 impl Reactor {
-    pub(super) fn drain_signal_pipe(&mut self) {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = self.signal_rx.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-
+    /// SIGHUP: reopens the log and rereads the configuration file.
     pub(super) fn reload(&mut self) {
         // For logrotate: the file is reopened whether or not the configuration loads.
         if let Err(e) = crate::logger::reopen() {
@@ -76,14 +67,14 @@ impl Reactor {
         if let Err(e) = crate::logger::configure(&target, self.cfg.log_level) {
             log::error!("reload: cannot open the log: {e}");
         }
-        let logging = crate::logger::settings(&target, self.cfg.log_level);
-        self.store_settings = self.cfg.store_settings();
-        self.children[0].send(&ToStore::Configure(self.store_settings.clone()));
-        self.children[0].send(&ToStore::Logging(logging.clone()));
+        let logging = LogSettings { target, level: self.cfg.log_level };
+        self.store.settings = self.cfg.store_settings();
+        self.store.child.send(&ToStore::Configure(self.store.settings.clone()));
+        self.store.child.send(&ToStore::Logging(logging.clone()));
         self.mail.settings = mail;
-        for i in 1..self.children.len() {
-            self.children[i].send(&ToMailer::Configure(self.mail.settings.clone()));
-            self.children[i].send(&ToMailer::Logging(logging.clone()));
+        for m in &mut self.mailers {
+            m.child.send(&ToMailer::Configure(self.mail.settings.clone()));
+            m.child.send(&ToMailer::Logging(logging.clone()));
         }
         if changed.is_empty() {
             log::info!("configuration reloaded: nothing changed");
@@ -92,42 +83,44 @@ impl Reactor {
         }
     }
 
+    /// SIGTERM or SIGINT: stops accepting and reading commands; what was read is
+    /// finished and answered.
     pub(super) fn begin_stop(&mut self) {
         log::info!("stopping: finishing commands in flight");
         self.stopping = Some(Instant::now());
-        if let Some(mut l) = self.listener.take() {
+        if let Some(mut l) = self.acceptor.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         // Stop reading commands; what was read is finished and answered.
-        for (key, c) in self.conns.iter_mut() {
+        for (key, c) in self.clients.conns.iter_mut() {
             if c.state == State::Open {
                 c.state = State::Stopping;
                 c.inbuf = Vec::new();
                 if !c.dirty {
                     c.dirty = true;
-                    self.dirty.push(key);
+                    self.clients.dirty.push(key);
                 }
             }
         }
         // Mailers first: what they did not report is sent again after the restart.
-        for i in 1..self.children.len() {
-            self.children[i].close_input(self.poll.registry());
+        for m in &mut self.mailers {
+            m.child.close_input(self.poll.registry());
         }
     }
 
     /// One step of the stop; returns the exit status once done.
     pub(super) fn stop_step(&mut self, since: Instant) -> Option<i32> {
-        let waiting = self.conns.iter().any(|(_, c)| !c.slots.is_empty());
+        let waiting = self.clients.conns.iter().any(|(_, c)| !c.slots.is_empty());
         let store_busy =
-            self.pending.values().any(|r| matches!(r.target, Target::MailDone | Target::Reply { .. }));
+            self.store.pending.values().any(|r| matches!(r.target, Target::MailDone | Target::Reply { .. }));
         let limit = Duration::from_secs(self.cfg.store_timeout.into()) + Duration::from_millis(500);
-        if (waiting || store_busy) && since.elapsed() < limit && self.children[0].up() {
+        if (waiting || store_busy) && since.elapsed() < limit && self.store.child.up() {
             return None;
         }
         // Every reply is out (or the wait is over): say goodbye.
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self.clients.conns.iter().map(|(k, _)| k).collect();
         for &key in &keys {
-            let c = &mut self.conns[key];
+            let c = &mut self.clients.conns[key];
             for slot in c.slots.iter_mut().filter(|s| !s.done) {
                 slot.data.clear();
                 protocol::err(
@@ -144,33 +137,35 @@ impl Reactor {
             let _ = c.flush(&[]);
         }
         let linger_until = Instant::now() + SHUTDOWN_LINGER;
-        while Instant::now() < linger_until && self.conns.iter().any(|(_, c)| !c.out.is_empty()) {
+        while Instant::now() < linger_until && self.clients.conns.iter().any(|(_, c)| !c.out.is_empty()) {
             // Bounded: slow clients get SHUTDOWN_LINGER to take their last bytes.
             let mut events = Events::with_capacity(256);
             let _ = self.poll.poll(&mut events, Some(Duration::from_millis(20)));
-            for (_, c) in self.conns.iter_mut() {
+            for (_, c) in self.clients.conns.iter_mut() {
                 if !c.out.is_empty() {
                     let _ = c.flush(&[]);
                 }
             }
         }
         for key in keys {
-            let mut c = self.conns.remove(key);
+            let mut c = self.clients.conns.remove(key);
             let _ = c.sock.shutdown(std::net::Shutdown::Both);
             let _ = self.poll.registry().deregister(&mut c.sock);
         }
-        self.children[0].close_input(self.poll.registry());
+        self.store.child.close_input(self.poll.registry());
         self.wait_children();
         log::info!("stopped");
         Some(0)
     }
 
     /// Waits (bounded) for every child to exit, then kills what is left.
-    pub(super) fn wait_children(&mut self) {
+    fn wait_children(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             self.reap();
-            let alive: Vec<nix::unistd::Pid> = self.children.iter().filter_map(|c| c.pid).collect();
+            let mailers = self.mailers.iter().map(|m| &m.child);
+            let alive: Vec<nix::unistd::Pid> =
+                std::iter::once(&self.store.child).chain(mailers).filter_map(|c| c.pid).collect();
             if alive.is_empty() {
                 return;
             }

@@ -2,7 +2,10 @@
 //! back to the store. The outbox is the queue; the reactor only holds what a mailer has
 //! in hand, bounded by MAILER_CAPACITY per mailer.
 
-use super::{Reactor, Target};
+use super::child_link::Child;
+use super::store_link::Target;
+use super::supervise::{ChildId, Fault};
+use super::{Reactor, Source};
 use crate::ipc::{FromMailer, MailJob, MailOutcome, MailResult, MailSettings, ToMailer, ToStore};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,12 +13,9 @@ use std::time::{Duration, Instant};
 /// Emails a mailer holds at once.
 const MAILER_CAPACITY: usize = 256;
 
-/// Which mailer holds which email, and when to ask the store for more.
+/// The settings every mailer gets, and when to ask the store for more emails.
 pub(super) struct MailRouter {
     pub(super) settings: MailSettings,
-    /// Per mailer: the jobs it holds, for replay after its restart, with the number of
-    /// that mailer's deaths each was held for.
-    pub(super) held: Vec<HashMap<MailKey, (MailJob, u8)>>,
     /// A TakeMail is in flight.
     pub(super) asking: bool,
     /// Something may be due: ask when there is room.
@@ -24,20 +24,45 @@ pub(super) struct MailRouter {
     pub(super) next_due: Option<Instant>,
 }
 
+impl MailRouter {
+    pub(super) fn new(settings: MailSettings) -> MailRouter {
+        MailRouter { settings, asking: false, wanted: true, next_due: None }
+    }
+}
+
+/// One mailer child and the emails it holds.
+pub(super) struct MailerLink {
+    pub(super) child: Child,
+    /// The jobs it holds, for replay after its restart, with the number of its deaths
+    /// each was held for.
+    pub(super) held: HashMap<MailKey, (MailJob, u8)>,
+}
+
+impl MailerLink {
+    /// The mailer at index `i` (named from 1 in the log).
+    pub(super) fn new(i: usize) -> MailerLink {
+        let name = format!("notifd-mailer {}", i + 1);
+        let child = Child::new(name, Source::MailerRead(i).token(), Source::MailerWrite(i).token());
+        MailerLink { child, held: HashMap::new() }
+    }
+
+    /// Emails it can take now.
+    fn room(&self) -> usize {
+        MAILER_CAPACITY.saturating_sub(self.held.len())
+    }
+}
+
 /// An email's identity: notification id and address.
-pub(super) type MailKey = (u64, Box<str>);
+type MailKey = (u64, Box<str>);
 
 impl Reactor {
-    pub(super) fn mailer_room(&self) -> usize {
-        (1..self.children.len())
-            .filter(|&i| self.children[i].up())
-            .map(|i| MAILER_CAPACITY.saturating_sub(self.mail.held[i - 1].len()))
-            .sum()
+    fn mailer_room(&self) -> usize {
+        self.mailers.iter().filter(|m| m.child.up()).map(MailerLink::room).sum()
     }
 
     /// Asks the store for due emails when a mailer has room and something may be due.
     pub(super) fn pump_mail(&mut self, now: Instant) {
-        if self.children.len() < 2 || self.mail.asking || self.stopping.is_some() {
+        if self.mailers.is_empty() || self.mail.asking || self.stopping.is_some() {
             return;
         }
         if self.mail.next_due.is_some_and(|t| t <= now) {
@@ -45,7 +70,7 @@ impl Reactor {
             self.mail.wanted = true;
         }
         let room = self.mailer_room();
-        if !self.mail.wanted || room == 0 || !self.children[0].up() {
+        if !self.mail.wanted || room == 0 || !self.store.child.up() {
             return;
         }
         self.mail.wanted = false;
@@ -66,22 +91,21 @@ impl Reactor {
         // these jobs: when every mailer died while the TakeMail was in flight, a dead one
         // holds them and gets them when it restarts, rather than nobody until the store's
         // next start.
-        let mut batches: Vec<Vec<MailJob>> = vec![Vec::new(); self.children.len()];
+        let mut batches: Vec<Vec<MailJob>> = vec![Vec::new(); self.mailers.len()];
         for job in jobs {
             let key = (job.id, Box::from(job.email.as_str()));
-            if self.mail.held.iter().any(|h| h.contains_key(&key)) {
+            if self.mailers.iter().any(|m| m.held.contains_key(&key)) {
                 continue;
             }
-            let best = (1..self.children.len()).max_by_key(|&i| {
-                (self.children[i].up(), MAILER_CAPACITY.saturating_sub(self.mail.held[i - 1].len()))
-            });
+            let best =
+                (0..self.mailers.len()).max_by_key(|&i| (self.mailers[i].child.up(), self.mailers[i].room()));
             let Some(i) = best else { break };
-            self.mail.held[i - 1].insert(key, (job.clone(), 0));
+            self.mailers[i].held.insert(key, (job.clone(), 0));
             batches[i].push(job);
         }
-        for (i, jobs) in batches.into_iter().enumerate() {
+        for (m, jobs) in self.mailers.iter_mut().zip(batches) {
             for jobs in crate::ipc::batches(jobs) {
-                self.children[i].send(&ToMailer::Send { jobs });
+                m.child.send(&ToMailer::Send { jobs });
             }
         }
         if full {
@@ -93,7 +117,7 @@ impl Reactor {
     /// of being handed out a third time: the outbox retries it later, with a limit.
     pub(super) fn mailer_lost(&mut self, i: usize) {
         let mut poisoned = Vec::new();
-        self.mail.held[i - 1].retain(|_, (job, deaths)| {
+        self.mailers[i].held.retain(|_, (job, deaths)| {
             *deaths += 1;
             if *deaths >= 2 {
                 poisoned.push(MailResult {
@@ -109,7 +133,7 @@ impl Reactor {
         if !poisoned.is_empty() {
             log::warn!(
                 "{}: {} emails were held through two deaths; reported as failed tries",
-                self.children[i].name,
+                self.mailers[i].child.name,
                 poisoned.len()
             );
             let now = crate::ipc::unix_now();
@@ -117,18 +141,22 @@ impl Reactor {
         }
     }
 
-    pub(super) fn dispatch_mailer(&mut self, i: usize, m: FromMailer) -> Result<(), String> {
+    /// Handles one record from mailer `i`.
+    pub(super) fn dispatch_mailer(&mut self, i: usize, m: FromMailer) -> Result<(), Fault> {
+        if !self.mailers[i].child.greeted && !matches!(m, FromMailer::Hello { .. }) {
+            return Err(Fault::Broken("a record before its hello".into()));
+        }
         match m {
-            FromMailer::Hello { version } => self.hello(i, version),
+            FromMailer::Hello { version } => return self.hello(ChildId::Mailer(i), version),
             FromMailer::Results { results } => {
                 for r in &results {
-                    self.mail.held[i - 1].remove(&(r.id, Box::from(r.email.as_str())));
+                    self.mailers[i].held.remove(&(r.id, Box::from(r.email.as_str())));
                 }
                 let now = crate::ipc::unix_now();
                 self.send_store(|req| ToStore::MailDone { req, results, now }, Target::MailDone);
                 self.mail.wanted = true;
-                Ok(())
             }
         }
+        Ok(())
     }
 }

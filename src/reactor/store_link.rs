@@ -1,17 +1,131 @@
 //! The reactor's side of the store: requests in flight, their answers back to the
 //! client that waits for them (in command order), notification id blocks, timeouts.
 
+use super::child_link::Child;
 use super::conn::State;
-use super::{Reactor, Request, Target, ID_BLOCK};
-use crate::ipc::{self, FromStore, MailPlan, ToStore};
+use super::supervise::{ChildId, Fault};
+use super::{Reactor, Source};
+use crate::ipc::{FromStore, MailPlan, StoreSettings, ToStore};
 use crate::protocol::{self, Code};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
+
+/// Ids per block reserved by the store; a new block is asked for at half.
+const ID_BLOCK: u64 = 10_000;
+/// Past these, the reactor stops taking commands that need the store.
+const STORE_BACKLOG_MAX: usize = 8 << 20;
+const STORE_PENDING_MAX: usize = 500_000;
+
+/// What a store request answers to.
+pub(super) enum Target {
+    /// A client's reply slot; `n` is PUB's count of connections, `listed` LIST's rows
+    /// so far.
+    Reply { key: usize, conn_id: u64, seq: u64, n: u64, listed: u64 },
+    /// The client is gone or already told UNAVAILABLE.
+    Orphan,
+    /// The reactor's own request for a block of ids.
+    Ids,
+    /// The reactor's own request for due emails.
+    TakeMail,
+    /// Mail outcomes handed on from a mailer.
+    MailDone,
+}
+
+/// A request sent to the store and not yet answered.
+pub(super) struct Request {
+    /// Kept to send again after a store restart.
+    pub(super) record: ToStore,
+    pub(super) target: Target,
+    /// Store deaths this request was in flight for.
+    pub(super) deaths: u8,
+}
+
+/// The store child and everything the reactor keeps about talking to it.
+pub(super) struct StoreLink {
+    pub(super) child: Child,
+    /// Requests in flight, by request number: replayed in this order after a restart.
+    pub(super) pending: BTreeMap<u64, Request>,
+    /// When each client request in flight times out, oldest first.
+    pub(super) deadlines: VecDeque<(Instant, u64)>,
+    next_req: u64,
+    /// Notification ids the store reserved durably.
+    pub(super) ids: IdBlocks,
+    /// Requests to send again after a database error, and when.
+    pub(super) deferred: Vec<(Instant, ToStore, Target)>,
+    /// What the store is told at start and after a reload.
+    pub(super) settings: StoreSettings,
+}
+
+impl StoreLink {
+    pub(super) fn new(settings: StoreSettings) -> StoreLink {
+        StoreLink {
+            child: Child::new("notifd-store".into(), Source::StoreRead.token(), Source::StoreWrite.token()),
+            pending: BTreeMap::new(),
+            deadlines: VecDeque::new(),
+            next_req: 1,
+            ids: IdBlocks::default(),
+            deferred: Vec::new(),
+            settings,
+        }
+    }
+
+    /// Some notification id can be handed out now.
+    pub(super) fn has_ids(&self) -> bool {
+        self.ids.has()
+    }
+
+    /// Too much is waiting on the store to take more commands that need it.
+    pub(super) fn congested(&self) -> bool {
+        self.child.backlog() > STORE_BACKLOG_MAX || self.pending.len() > STORE_PENDING_MAX
+    }
+}
+
+/// Notification ids: the block in use, and the next one once the store reserved it.
+#[derive(Default)]
+pub(super) struct IdBlocks {
+    current: Range<u64>,
+    spare: Option<Range<u64>>,
+    /// A `ReserveIds` is in flight.
+    pub(super) requested: bool,
+}
+
+impl IdBlocks {
+    /// Some id can be handed out now.
+    fn has(&self) -> bool {
+        !self.current.is_empty() || self.spare.is_some()
+    }
+
+    /// The next id, moving to the spare block when the current one is used up.
+    fn take(&mut self) -> Option<u64> {
+        if self.current.is_empty() {
+            self.current = self.spare.take()?;
+        }
+        let id = self.current.start;
+        self.current.start += 1;
+        Some(id)
+    }
+
+    /// Under half a block left and none spare: time to ask for the next.
+    fn low(&self) -> bool {
+        self.current.end - self.current.start < ID_BLOCK / 2 && self.spare.is_none()
+    }
+
+    /// A block the store reserved.
+    fn got(&mut self, ids: Range<u64>) {
+        self.requested = false;
+        if self.current.is_empty() {
+            self.current = ids;
+        } else {
+            self.spare = Some(ids);
+        }
+    }
+}
 
 impl Reactor {
     /// Sends a client's request to the store and holds a reply slot for it.
     pub(super) fn store_request(&mut self, key: usize, make: impl FnOnce(u64) -> ToStore, n: u64) {
-        let c = &mut self.conns[key];
+        let c = &mut self.clients.conns[key];
         let seq = c.push_waiting();
         let target = Target::Reply { key, conn_id: c.id, seq, n, listed: 0 };
         self.send_store(make, target);
@@ -20,103 +134,70 @@ impl Reactor {
     /// Sends the record `make` builds around a new request id, and keeps it until the
     /// store answers (for replay after a store restart).
     pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) {
-        let req = self.next_req;
-        self.next_req += 1;
+        let req = self.store.next_req;
+        self.store.next_req += 1;
         let record = make(req);
-        self.children[0].send(&record);
+        self.store.child.send(&record);
         if matches!(target, Target::Reply { .. }) {
             let deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
-            self.deadlines.push_back((deadline, req));
+            self.store.deadlines.push_back((deadline, req));
         }
-        self.pending.insert(req, Request { record, target, deaths: 0 });
+        self.store.pending.insert(req, Request { record, target, deaths: 0 });
     }
 
-    pub(super) fn has_ids(&self) -> bool {
-        !self.ids.is_empty() || self.spare_ids.is_some()
-    }
-
-    pub(super) fn take_id(&mut self) -> u64 {
-        if self.ids.is_empty() {
-            self.ids = self.spare_ids.take().expect("can_take checked has_ids");
-        }
-        let id = self.ids.start;
-        self.ids.start += 1;
-        if self.ids.end - self.ids.start < ID_BLOCK / 2 && self.spare_ids.is_none() {
+    /// The next notification id; `None` when no block is reserved (`can_take` checks
+    /// `has_ids` first, so only a bug gets here).
+    pub(super) fn take_id(&mut self) -> Option<u64> {
+        let id = self.store.ids.take()?;
+        if self.store.ids.low() {
             self.ask_ids();
         }
-        id
+        Some(id)
     }
 
+    /// Asks the store for the next block of ids, unless that is already in flight.
     pub(super) fn ask_ids(&mut self) {
-        if !self.ids_requested {
-            self.ids_requested = true;
+        if !self.store.ids.requested {
+            self.store.ids.requested = true;
             self.send_store(|req| ToStore::ReserveIds { req, count: ID_BLOCK }, Target::Ids);
         }
     }
 
-    pub(super) fn dispatch_store(&mut self, m: FromStore) -> Result<(), String> {
+    /// Handles one record from the store.
+    pub(super) fn dispatch_store(&mut self, m: FromStore) -> Result<(), Fault> {
+        if !self.store.child.greeted && !matches!(m, FromStore::Hello { .. }) {
+            return Err(Fault::Broken("a record before its hello".into()));
+        }
         match m {
-            FromStore::Hello { version } => self.hello(0, version),
-            FromStore::Done { req } => {
-                self.store_done(req);
-                Ok(())
-            }
-            FromStore::Failed { req, reason } => {
-                self.store_failed(req, &reason);
-                Ok(())
-            }
-            FromStore::ListChunk { req, rows, last } => {
-                self.list_chunk(req, rows, last);
-                Ok(())
-            }
+            FromStore::Hello { version } => return self.hello(ChildId::Store, version),
+            FromStore::Done { req } => self.store_done(req),
+            FromStore::Failed { req, reason } => self.store_failed(req, &reason),
+            FromStore::ListChunk { req, rows, last } => self.list_chunk(req, rows, last),
             FromStore::Ids { req, start, end } => {
-                self.pending.remove(&req);
-                self.got_ids(start..end);
-                Ok(())
+                self.store.pending.remove(&req);
+                self.store.ids.got(start..end);
             }
             FromStore::Mail { req, jobs, next_due } => {
-                self.pending.remove(&req);
+                self.store.pending.remove(&req);
                 self.got_mail(jobs, next_due);
-                Ok(())
             }
         }
-    }
-
-    pub(super) fn hello(&mut self, i: usize, version: u32) -> Result<(), String> {
-        if version != ipc::VERSION {
-            log::error!(
-                "{} speaks record version {version}, this reactor {}",
-                self.children[i].name,
-                ipc::VERSION
-            );
-            std::process::exit(1);
-        }
-        self.children[i].greeted = true;
         Ok(())
-    }
-
-    pub(super) fn got_ids(&mut self, ids: Range<u64>) {
-        self.ids_requested = false;
-        if self.ids.is_empty() {
-            self.ids = ids;
-        } else {
-            self.spare_ids = Some(ids);
-        }
     }
 
     /// The connection slot a store request answers, if the connection is still there.
     pub(super) fn reply_slot(&self, target: &Target) -> Option<(usize, u64)> {
         match *target {
-            Target::Reply { key, conn_id, seq, .. } => match self.conns.get(key) {
+            Target::Reply { key, conn_id, seq, .. } => match self.clients.conns.get(key) {
                 Some(c) if c.id == conn_id && c.state != State::Closing => Some((key, seq)),
                 _ => None,
             },
-            _ => None,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => None,
         }
     }
 
     pub(super) fn store_done(&mut self, req: u64) {
-        let Some(r) = self.pending.remove(&req) else { return };
+        let Some(r) = self.store.pending.remove(&req) else { return };
         match r.target {
             Target::MailDone | Target::Orphan | Target::Ids | Target::TakeMail => {}
             Target::Reply { n, .. } => {
@@ -130,27 +211,38 @@ impl Reactor {
                     ToStore::Subscribe { event, .. } => protocol::ok(out, "SUB", event),
                     ToStore::Unsubscribe { event, .. } => protocol::ok(out, "UNSUB", event),
                     ToStore::Publish { id, .. } => protocol::ok_pub(out, *id, n),
-                    _ => protocol::err(out, Code::Unavailable, "unexpected answer from the store"),
+                    // A store that answers these with Done is broken; the client is told.
+                    ToStore::List { .. }
+                    | ToStore::Hello { .. }
+                    | ToStore::ReserveIds { .. }
+                    | ToStore::TakeMail { .. }
+                    | ToStore::MailDone { .. }
+                    | ToStore::Configure(_)
+                    | ToStore::Logging(_) => {
+                        protocol::err(out, Code::Unavailable, "unexpected answer from the store")
+                    }
                 });
             }
         }
     }
 
     pub(super) fn store_failed(&mut self, req: u64, reason: &str) {
-        let Some(r) = self.pending.remove(&req) else { return };
+        let Some(r) = self.store.pending.remove(&req) else { return };
         log::warn!("store: request failed: {reason}");
         match r.target {
             Target::Reply { .. } => self
                 .fail_reply(&r.target, "the database reported an error; it may or may not have taken effect"),
             Target::Orphan => {}
             // Not a client's: try again in a second.
-            target => self.deferred.push((Instant::now() + Duration::from_secs(1), r.record, target)),
+            target @ (Target::Ids | Target::TakeMail | Target::MailDone) => {
+                self.store.deferred.push((Instant::now() + Duration::from_secs(1), r.record, target))
+            }
         }
     }
 
     pub(super) fn run_deferred(&mut self, now: Instant) {
-        if self.deferred.iter().any(|d| d.0 <= now) {
-            let all = std::mem::take(&mut self.deferred);
+        if self.store.deferred.iter().any(|d| d.0 <= now) {
+            let all = std::mem::take(&mut self.store.deferred);
             for (at, record, target) in all {
                 if at <= now {
                     let renumber = |req| {
@@ -162,14 +254,14 @@ impl Reactor {
                     };
                     self.send_store(renumber, target);
                 } else {
-                    self.deferred.push((at, record, target));
+                    self.store.deferred.push((at, record, target));
                 }
             }
         }
     }
 
     pub(super) fn list_chunk(&mut self, req: u64, rows: Vec<(String, i64)>, last: bool) {
-        let Some(r) = self.pending.get_mut(&req) else { return };
+        let Some(r) = self.store.pending.get_mut(&req) else { return };
         let ToStore::List { email, .. } = &r.record else { return };
         let email = email.clone();
         let count = match &mut r.target {
@@ -177,10 +269,10 @@ impl Reactor {
                 *listed += rows.len() as u64;
                 *listed
             }
-            _ => 0,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => 0,
         };
-        if let Some((key, seq)) = self.reply_slot(&self.pending[&req].target) {
-            if let Some(slot) = self.conns[key].slot(seq) {
+        if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
+            if let Some(slot) = self.clients.conns[key].slot(seq) {
                 for (event, at) in &rows {
                     protocol::list_line(&mut slot.data, event, &email, *at);
                 }
@@ -190,13 +282,13 @@ impl Reactor {
             }
         }
         if last {
-            self.pending.remove(&req);
+            self.store.pending.remove(&req);
         }
     }
 
     /// Completes a reply slot (appending `write`) and sends what is now in order.
     pub(super) fn fill_slot(&mut self, key: usize, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
-        let c = &mut self.conns[key];
+        let c = &mut self.clients.conns[key];
         c.unshare(&self.fan);
         let front = seq == c.first_seq;
         let Some(slot) = c.slot(seq) else { return };
@@ -212,19 +304,19 @@ impl Reactor {
         }
         c.drain_slots();
         if c.paused && c.slots.len() < self.cfg.max_inflight as usize {
-            self.resume.push(key);
+            self.clients.resume.push(key);
         }
-        self.mark_dirty(key);
+        self.clients.mark_dirty(key);
     }
 
     /// Answers `-ERR UNAVAILABLE` for client requests the store did not confirm in time.
     pub(super) fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, req)) = self.deadlines.front() {
+        while let Some(&(deadline, req)) = self.store.deadlines.front() {
             if deadline > now {
                 break;
             }
-            self.deadlines.pop_front();
-            let Some(r) = self.pending.get_mut(&req) else { continue };
+            self.store.deadlines.pop_front();
+            let Some(r) = self.store.pending.get_mut(&req) else { continue };
             let target = std::mem::replace(&mut r.target, Target::Orphan);
             self.fail_reply(
                 &target,
@@ -237,10 +329,36 @@ impl Reactor {
     /// a LIST reply gathered so far.
     pub(super) fn fail_reply(&mut self, target: &Target, text: &str) {
         if let Some((key, seq)) = self.reply_slot(target) {
-            if let Some(slot) = self.conns[key].slot(seq) {
+            if let Some(slot) = self.clients.conns[key].slot(seq) {
                 slot.data.clear();
             }
             self.fill_slot(key, seq, |out| protocol::err(out, Code::Unavailable, text));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_in_order_across_blocks() {
+        let mut ids = IdBlocks::default();
+        assert!(!ids.has() && ids.take().is_none());
+        ids.requested = true;
+        ids.got(1..1 + ID_BLOCK);
+        assert!(!ids.requested && ids.has() && !ids.low());
+        for want in 1..=ID_BLOCK / 2 + 1 {
+            assert_eq!(ids.take(), Some(want));
+        }
+        assert!(ids.low());
+        ids.got(50_000..50_000 + ID_BLOCK);
+        assert!(!ids.low());
+        while ids.current.start < ids.current.end {
+            ids.take();
+        }
+        // The spare block takes over; a whole block left is not low.
+        assert_eq!(ids.take(), Some(50_000));
+        assert!(ids.has() && !ids.low());
     }
 }

@@ -47,6 +47,7 @@ pub enum Subs {
 }
 
 impl Subs {
+    /// How many pairs.
     pub fn len(&self) -> usize {
         match self {
             Subs::Empty => 0,
@@ -55,6 +56,7 @@ impl Subs {
         }
     }
 
+    /// The pair is there.
     pub fn contains(&self, event: &str, email: &str) -> bool {
         match self {
             Subs::Empty => false,

@@ -1,0 +1,218 @@
+//! The command handlers: one function per client command (see notifd-protocol(7)).
+//!
+//! A handler answers at once (`PING`, `QUIT`, `AUTH`, refusals) or sends a request to the
+//! store and holds the client's reply slot until the store answers (`SUB`, `UNSUB`,
+//! `PUB`, `LIST`). `PUB` also fans its `MSG` out to the live subscribers at once.
+
+use super::conn::{Conn, State};
+use super::Reactor;
+use crate::config::{MailPolicy, Transport};
+use crate::ipc::{MailPlan, ToStore};
+use crate::protocol::{self, Code, Command};
+use std::rc::Rc;
+
+/// First capacity of an output buffer that receives a MSG.
+const FANOUT_BUFFER: usize = 4096;
+/// Failed AUTH attempts before the connection is closed.
+const MAX_AUTH_FAILURES: u8 = 3;
+
+impl Reactor {
+    /// Handles one line a client sent.
+    pub(super) fn command(&mut self, key: usize, line: &[u8]) {
+        let cmd = match protocol::parse_line(line) {
+            Ok(None) => return,
+            Ok(Some(cmd)) => cmd,
+            Err(e) => return self.reply_err(key, e.code, &e.text),
+        };
+        match cmd {
+            Command::Sub { event, email } => self.sub(key, event, &email),
+            Command::Unsub { event, email } => self.unsub(key, event, &email),
+            Command::Pub { event, text } => self.publish(key, event, text),
+            Command::Auth { token } => self.auth(key, token),
+            Command::List { email } => self.list(key, &email),
+            Command::Ping { text } => self.ping(key, text),
+            Command::Quit => self.quit(key),
+        }
+    }
+
+    fn ping(&mut self, key: usize, text: Option<&str>) {
+        self.clients.conns[key].reply(&self.fan, |out| protocol::pong(out, text));
+        self.clients.mark_dirty(key);
+    }
+
+    fn quit(&mut self, key: usize) {
+        let c = &mut self.clients.conns[key];
+        c.reply(&self.fan, |out| protocol::ok(out, "QUIT", ""));
+        c.state = State::Draining;
+        c.inbuf = Vec::new();
+        self.clients.mark_dirty(key);
+    }
+
+    pub(super) fn reply_err(&mut self, key: usize, code: Code, text: &str) {
+        self.clients.conns[key].reply(&self.fan, |out| protocol::err(out, code, text));
+        self.clients.mark_dirty(key);
+    }
+
+    fn sub(&mut self, key: usize, event: &str, email: &str) {
+        let c = &self.clients.conns[key];
+        if !c.subs.contains(event, email) {
+            if c.subs.len() >= self.cfg.max_subs_per_conn as usize {
+                let text = format!("at most {} subscriptions per connection", self.cfg.max_subs_per_conn);
+                return self.reply_err(key, Code::Limit, &text);
+            }
+            let ev = match self.clients.index.get_key_value(event) {
+                Some((k, _)) => Rc::clone(k),
+                None => Rc::from(event),
+            };
+            let c = &mut self.clients.conns[key];
+            c.subs.insert(Rc::clone(&ev), email.into());
+            self.clients.index.entry(ev).or_default().insert(key);
+        }
+        let now = crate::ipc::unix_now();
+        self.store_request(
+            key,
+            |req| ToStore::Subscribe { req, email: email.into(), event: event.into(), now },
+            0,
+        );
+    }
+
+    fn unsub(&mut self, key: usize, event: &str, email: &str) {
+        let c = &mut self.clients.conns[key];
+        if c.subs.remove(event, email) && !c.subs.has_event(event) {
+            self.clients.unindex(key, event);
+        }
+        self.store_request(
+            key,
+            |req| ToStore::Unsubscribe { req, email: email.into(), event: event.into() },
+            0,
+        );
+    }
+
+    fn may_publish(&self, c: &Conn) -> bool {
+        if self.cfg.publish_token.is_empty() {
+            c.loopback
+        } else {
+            c.auth_gen == self.token_gen
+        }
+    }
+
+    fn publish(&mut self, key: usize, event: &str, text: &str) {
+        if !self.may_publish(&self.clients.conns[key]) {
+            return self.reply_err(key, Code::Auth, self.auth_text());
+        }
+        let Some(id) = self.take_id() else {
+            // can_take checked has_ids, so this is a bug; it costs this command only.
+            return self.reply_err(key, Code::Unavailable, "no notification id is reserved yet; try again");
+        };
+        // Formatted once into the turn's fan-out buffer; a subscriber with nothing else
+        // to send this turn is written straight from there (see Conn::shared).
+        let a = self.fan.len();
+        protocol::msg(&mut self.fan, event, id, text);
+        let b = self.fan.len();
+        let shareable = b <= u32::MAX as usize;
+        let offline =
+            self.cfg.mail_policy == MailPolicy::Offline && self.cfg.mail_transport != Transport::None;
+        let mut live: Vec<String> = Vec::new();
+        let mut n = 0u64;
+        if let Some(set) = self.clients.index.get(event) {
+            for &k in set {
+                let c = &mut self.clients.conns[k];
+                if c.state == State::Closing {
+                    continue;
+                }
+                if offline {
+                    live.extend(c.subs.iter().filter(|(e, _)| &**e == event).map(|(_, m)| m.to_string()));
+                }
+                let (sa, sb) = c.shared;
+                if shareable && c.out.is_empty() && (sa == sb || sb as usize == a) {
+                    c.shared = (if sa == sb { a as u32 } else { sa }, b as u32);
+                } else {
+                    c.unshare(&self.fan);
+                    if c.out.is_empty() {
+                        // Many MSGs usually follow in the same turn: spare the doublings.
+                        c.out.reserve(FANOUT_BUFFER);
+                    }
+                    c.out.extend_from_slice(&self.fan[a..b]);
+                }
+                n += 1;
+                if c.unsent() > self.cfg.max_pending {
+                    log::warn!(
+                        "{}: slow consumer: over {} unsent bytes; disconnecting",
+                        c.peer,
+                        self.cfg.max_pending
+                    );
+                    c.state = State::Closing;
+                    self.clients.closing.push(k);
+                } else if !c.dirty {
+                    c.dirty = true;
+                    self.clients.dirty.push(k);
+                }
+            }
+        }
+        let mail = match (self.cfg.mail_transport, self.cfg.mail_policy) {
+            (Transport::None, _) | (_, MailPolicy::None) => MailPlan::Nobody,
+            (_, MailPolicy::All) => MailPlan::All,
+            (_, MailPolicy::Offline) => {
+                live.sort_unstable();
+                live.dedup();
+                if live.is_empty() {
+                    MailPlan::All
+                } else if live.iter().map(|m| m.len() + 2).sum::<usize>() > crate::ipc::BATCH_BYTES {
+                    // The record must fit in one frame. So many live addresses are
+                    // rare; mailing them too is what at-least-once allows.
+                    log::warn!("PUB {event}: too many live addresses to leave out; mailing all");
+                    MailPlan::All
+                } else {
+                    MailPlan::AllExcept(live)
+                }
+            }
+        };
+        let now = crate::ipc::unix_now();
+        self.store_request(
+            key,
+            |req| ToStore::Publish { req, id, event: event.into(), text: text.into(), now, mail },
+            n,
+        );
+    }
+
+    fn auth_text(&self) -> &'static str {
+        if self.cfg.publish_token.is_empty() {
+            "only loopback clients may publish or list"
+        } else {
+            "send AUTH with the publish token first"
+        }
+    }
+
+    fn auth(&mut self, key: usize, token: &str) {
+        let good = !self.cfg.publish_token.is_empty() && constant_time_eq(token, &self.cfg.publish_token);
+        let c = &mut self.clients.conns[key];
+        if good {
+            c.auth_gen = self.token_gen;
+            c.auth_failures = 0;
+            c.reply(&self.fan, |out| protocol::ok(out, "AUTH", ""));
+        } else {
+            c.auth_failures += 1;
+            if c.auth_failures >= MAX_AUTH_FAILURES {
+                log::warn!("{}: {MAX_AUTH_FAILURES} failed AUTH attempts; closing", c.peer);
+                c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "too many failed attempts; closing"));
+                c.state = State::Draining;
+                c.inbuf = Vec::new();
+            } else {
+                c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "wrong token"));
+            }
+        }
+        self.clients.mark_dirty(key);
+    }
+
+    fn list(&mut self, key: usize, email: &str) {
+        if !self.may_publish(&self.clients.conns[key]) {
+            return self.reply_err(key, Code::Auth, self.auth_text());
+        }
+        self.store_request(key, |req| ToStore::List { req, email: email.into() }, 0);
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
