@@ -121,6 +121,9 @@ pub struct Config {
     pub log: Option<LogTarget>,
     /// The least important messages logged.
     pub log_level: log::LevelFilter,
+    /// How many `-v` the command line gave (not a key of the file): each raises
+    /// `log_level` one step, at start-up and again after every reload.
+    pub verbose: u8,
     /// `publish_token_file`: [`Config::load`] reads `publish_token` from its first line.
     pub publish_token_file: Option<PathBuf>,
     /// `sendmail_timeout`: seconds one sendmail run may take before it is killed.
@@ -163,6 +166,7 @@ impl Default for Config {
             pid_file: "/run/notifd/notifd.pid".into(),
             log: None,
             log_level: log::LevelFilter::Info,
+            verbose: 0,
             publish_token_file: None,
             sendmail_timeout: 60,
         }
@@ -561,6 +565,20 @@ fn one_of(key: &str, got: &str, allowed: &str) -> String {
 }
 
 impl Config {
+    /// Raises `log_level` by `verbose` steps (the command line's `-v`), and keeps the
+    /// count so that a reload, which rereads `log_level` from the file, can do it again.
+    pub fn raise_level(&mut self, verbose: u8) {
+        self.verbose = verbose;
+        for _ in 0..verbose {
+            self.log_level = match self.log_level {
+                log::LevelFilter::Off | log::LevelFilter::Error => log::LevelFilter::Warn,
+                log::LevelFilter::Warn => log::LevelFilter::Info,
+                log::LevelFilter::Info => log::LevelFilter::Debug,
+                _ => log::LevelFilter::Trace,
+            };
+        }
+    }
+
     /// Store settings from the configuration.
     pub fn store_settings(&self) -> StoreSettings {
         StoreSettings {

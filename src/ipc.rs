@@ -14,8 +14,9 @@ use std::fmt;
 use std::io::{self, Read};
 use std::path::PathBuf;
 
-/// Version of the records below; bumped when a variant changes meaning.
-pub const VERSION: u32 = 1;
+/// Version of the records below; bumped when a record changes meaning or encoding
+/// (2: `MailSettings::sendmail_timeout`).
+pub const VERSION: u32 = 2;
 
 /// Largest frame body either side accepts. A LIST answer is chunked to stay under it,
 /// and batches of emails are cut at [`BATCH_BYTES`].
@@ -640,6 +641,7 @@ mod tests {
             smtp_ca_pem,
             sendmail_path: "s".into(),
             spool_dir: "d".into(),
+            sendmail_timeout: 60,
         }
     }
 
@@ -781,19 +783,19 @@ mod tests {
             (ToMailer::Hello { version: 1 }, "0001"),
             (
                 ToMailer::Configure(mail_settings(Transport::Smtp, SmtpTls::None, None)),
-                "010001660168cb0400017501700001730164",
+                "010001660168cb04000175017000017301643c",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::Sendmail, SmtpTls::Starttls, Some(vec![7]))),
-                "010101660168cb04010175017001010701730164",
+                "010101660168cb040101750170010107017301643c",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::Spool, SmtpTls::Tls, None)),
-                "010201660168cb0402017501700001730164",
+                "010201660168cb04020175017000017301643c",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::None, SmtpTls::None, None)),
-                "010301660168cb0400017501700001730164",
+                "010301660168cb04000175017000017301643c",
             ),
             (ToMailer::Send { jobs: vec![job()] }, "0201010161016501740102"),
             (ToMailer::Logging(logging(LogTarget::Syslog, log::LevelFilter::Info)), "030103"),

@@ -19,10 +19,7 @@
 
 #![warn(missing_docs)]
 
-// Documented by the helpers who own them; until then their items are not checked.
-#[allow(missing_docs)]
 pub mod config;
-#[allow(missing_docs)]
 pub mod daemon;
 pub mod ipc;
 pub mod listen;
@@ -32,5 +29,4 @@ pub mod protocol;
 pub mod reactor;
 pub mod spawn;
 pub mod store;
-#[allow(missing_docs)]
 pub mod transport;

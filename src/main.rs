@@ -71,14 +71,7 @@ fn try_main() -> i32 {
             return 2;
         }
     };
-    for _ in 0..args.verbose {
-        cfg.log_level = match cfg.log_level {
-            log::LevelFilter::Off | log::LevelFilter::Error => log::LevelFilter::Warn,
-            log::LevelFilter::Warn => log::LevelFilter::Info,
-            log::LevelFilter::Info => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Trace,
-        };
-    }
+    cfg.raise_level(args.verbose);
     if args.test {
         return match daemon::check(&cfg) {
             Ok(warnings) => {

@@ -82,11 +82,11 @@ pub fn spawn(
 
 /// Moves the pipe ends to fds 3 and 4 and closes every other descriptor above 2.
 fn keep_only(input: OwnedFd, output: OwnedFd) -> (OwnedFd, OwnedFd) {
-    // Duplicate above the low numbers first, so that moving to 3 and 4 cannot clobber
-    // one end with the other. A failure here leaves the child without its pipes: it
+    // Duplicate to 5 or above first, so that moving to 3 and 4 cannot clobber one end
+    // with the other (not higher: a low open-files limit must still let a child start). A failure here leaves the child without its pipes: it
     // then fails its first read or write and exits, and the reactor restarts it.
-    let high_in = fcntl(input.as_raw_fd(), FcntlArg::F_DUPFD(100)).unwrap_or(-1);
-    let high_out = fcntl(output.as_raw_fd(), FcntlArg::F_DUPFD(100)).unwrap_or(-1);
+    let high_in = fcntl(input.as_raw_fd(), FcntlArg::F_DUPFD(5)).unwrap_or(-1);
+    let high_out = fcntl(output.as_raw_fd(), FcntlArg::F_DUPFD(5)).unwrap_or(-1);
     let _ = dup2(high_in, 3);
     let _ = dup2(high_out, 4);
     // Closed with everything else just below, by number.

@@ -161,7 +161,6 @@ fn max_clients_is_lowered_to_fit_the_open_files_limit() {
 }
 
 #[test]
-#[ignore = "bug: under RLIMIT_NOFILE 100 or less the store cannot start (spawn::keep_only duplicates its pipes to fd 100 and up)"]
 fn max_clients_is_lowered_to_fit_a_small_open_files_limit() {
     max_clients_fits(64);
 }

@@ -168,7 +168,6 @@ fn each_v_logs_one_level_more() {
 }
 
 #[test]
-#[ignore = "bug: a reload rereads log_level without the -v raise (the log says \"changed log_level\")"]
 fn v_still_counts_after_a_reload() {
     let mut d = LoggedDaemon::start("log_level = \"info\"", &["-v"], None);
     d.reload("log_level = \"info\"");

@@ -39,6 +39,7 @@ impl Reactor {
             }
         };
         let mut new = new;
+        new.raise_level(self.cfg.verbose);
         crate::listen::fit_max_clients(&mut new);
         let old = std::mem::replace(&mut self.cfg, new);
         let changed = changed_keys(&old, &self.cfg);
@@ -199,6 +200,7 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         max_subs_per_conn,
         tcp_keepalive,
         publish_token,
+        publish_token_file,
         database,
         sync,
         keep_days,
@@ -213,6 +215,7 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         smtp_password_file,
         smtp_ca_file,
         sendmail_path,
+        sendmail_timeout,
         spool_dir,
         mail_workers,
         mail_retry_base,
