@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod http;
 pub mod ipc;
 pub mod listen;
 pub mod logger;
