@@ -1073,3 +1073,704 @@ pub fn fuzz(data: &[u8]) {
     let mut out = Vec::new();
     response.encode(false, 0, &mut out);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TOK: &str = "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA";
+
+    fn req(s: &str) -> Result<Option<Request>, HttpError> {
+        parse(s.as_bytes(), &Limits::default())
+    }
+
+    fn ok(s: &str) -> Request {
+        req(s).unwrap().unwrap_or_else(|| panic!("incomplete: {s:?}"))
+    }
+
+    fn status(s: &str) -> Status {
+        req(s).unwrap_err().status
+    }
+
+    fn get(path: &str) -> String {
+        format!("GET {path} HTTP/1.1\r\nHost: notifd.example\r\n\r\n")
+    }
+
+    fn post(path: &str, content_type: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: notifd.example\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    const URLENCODED: &str = "application/x-www-form-urlencoded";
+
+    fn token() -> Token {
+        Token(TOK.to_owned())
+    }
+
+    fn bytes(r: &Response, head: bool) -> String {
+        let mut out = Vec::new();
+        r.encode(head, 784_111_777, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_get_of_each_route() {
+        let r = ok(&get(&format!("/confirm/{TOK}")));
+        let s = get(&format!("/confirm/{TOK}"));
+        assert_eq!(
+            r,
+            Request {
+                method: Method::Get,
+                route: Route::Confirm(token()),
+                form: Form::default(),
+                proxied: false,
+                bearer: None,
+                len: s.len(),
+            }
+        );
+        assert_eq!(r.action(), Action::ConfirmPage(&token()));
+        let r = ok(&get(&format!("/unsubscribe/{TOK}")));
+        assert_eq!(r.action(), Action::UnsubscribePage(&token()));
+        assert_eq!(ok(&get("/metrics")).action(), Action::Metrics);
+        assert_eq!(ok(&get("/health")).action(), Action::Health);
+        // The query is ignored; an absolute form is taken by its path.
+        assert_eq!(ok(&get("/health?x=1")).route, Route::Health);
+        assert_eq!(ok(&get(&format!("/confirm/{TOK}?utm_source=mail"))).route, Route::Confirm(token()));
+        assert_eq!(ok(&get("http://notifd.example/metrics")).route, Route::Metrics);
+        assert_eq!(ok(&get("https://notifd.example:8443/health")).route, Route::Health);
+        // HTTP/1.0 needs no Host; bytes after the request are not ours.
+        let r = ok("GET /health HTTP/1.0\r\n\r\nGET /metrics HTTP/1.0\r\n\r\n");
+        assert_eq!((r.route, r.len), (Route::Health, 24));
+        // Empty lines before the request line are skipped, as RFC 9112 allows.
+        assert_eq!(ok("\r\n\r\nGET /health HTTP/1.1\r\nHost: h\r\n\r\n").route, Route::Health);
+    }
+
+    #[test]
+    fn unknown_paths_and_malformed_tokens_are_404() {
+        let long = "a".repeat(MAX_TOKEN + 1);
+        let short = "a".repeat(MIN_TOKEN - 1);
+        for path in [
+            "/",
+            "/metrics/",
+            "/Metrics",
+            "/healthz",
+            "/confirm/",
+            "/confirm",
+            &format!("/confirm/{TOK}/"),
+            &format!("/confirm/{TOK}%20"),
+            &format!("/confirm/{short}"),
+            &format!("/confirm/{long}"),
+            &format!("/unsubscribe/{TOK}.x"),
+            &format!("/unsubscribe//{TOK}"),
+            &format!("/confirm/../unsubscribe/{TOK}"),
+            "*",
+            "http://notifd.example",
+        ] {
+            let e = req(&get(path)).unwrap_err();
+            assert_eq!((e.status, e.head, e.allow), (Status::NotFound, false, None), "{path}");
+        }
+        let min = "a".repeat(MIN_TOKEN);
+        let max = "Az09-_".repeat(MAX_TOKEN / 6 + 1)[..MAX_TOKEN].to_owned();
+        assert_eq!(ok(&get(&format!("/confirm/{min}"))).route, Route::Confirm(Token(min)));
+        assert_eq!(ok(&get(&format!("/unsubscribe/{max}"))).route, Route::Unsubscribe(Token(max)));
+        // Crockford's base32 with dashes is of the right form too.
+        assert!(req(&get("/confirm/7KQ2-M4XH-9TZB-7KQ2-M4XH-9TZB")).is_ok());
+    }
+
+    #[test]
+    fn other_methods_are_405_with_allow() {
+        for (m, path, allow) in [
+            ("PUT", format!("/confirm/{TOK}"), "GET, HEAD, POST"),
+            ("DELETE", format!("/unsubscribe/{TOK}"), "GET, HEAD, POST"),
+            ("OPTIONS", "/health".to_owned(), "GET, HEAD"),
+            ("POST", "/metrics".to_owned(), "GET, HEAD"),
+            ("POST", "/health".to_owned(), "GET, HEAD"),
+            ("get", "/health".to_owned(), "GET, HEAD"),
+        ] {
+            let e = req(&format!("{m} {path} HTTP/1.1\r\nHost: h\r\n\r\n")).unwrap_err();
+            assert_eq!((e.status, e.allow), (Status::MethodNotAllowed, Some(allow)), "{m} {path}");
+            let out = bytes(&e.response(), e.head);
+            assert!(out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{out}");
+            assert!(out.contains(&format!("\r\nAllow: {allow}\r\n")), "{out}");
+        }
+        // An unknown path stays a 404 whatever the method.
+        assert_eq!(status("PUT /nowhere HTTP/1.1\r\nHost: h\r\n\r\n"), Status::NotFound);
+    }
+
+    #[test]
+    fn head_is_get_without_the_body() {
+        let r = ok(&format!("HEAD /unsubscribe/{TOK} HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(r.is_head());
+        assert_eq!(r.action(), Action::UnsubscribePage(&token()));
+        let page = unsubscribe_page("ana@example.com", "orders");
+        let (full, head) = (bytes(&page, false), bytes(&page, true));
+        let (head_of_full, body) = full.split_once("\r\n\r\n").unwrap();
+        assert_eq!(head, format!("{head_of_full}\r\n\r\n"));
+        assert_eq!(body, page.body);
+        assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", page.body.len())));
+        // A refused HEAD is answered without a body too.
+        let e = req("HEAD /nowhere HTTP/1.1\r\nHost: h\r\n\r\n").unwrap_err();
+        assert_eq!((e.status, e.head), (Status::NotFound, true));
+        assert!(bytes(&e.response(), e.head).ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn the_head_bound_is_431() {
+        let head =
+            |pad: usize| format!("GET /health HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(pad));
+        let base = head(0).len();
+        assert_eq!(ok(&head(MAX_HEAD - base)).len, MAX_HEAD);
+        assert_eq!(status(&head(MAX_HEAD - base + 1)), Status::HeaderFieldsTooLarge);
+        // Without its end, a head is waited for up to the bound and refused at it.
+        let open = head(MAX_HEAD);
+        assert_eq!(req(&open[..MAX_HEAD - 1]), Ok(None));
+        assert_eq!(status(&open[..MAX_HEAD]), Status::HeaderFieldsTooLarge);
+        let e = req(&format!("HEAD /health HTTP/1.1\r\n{}", "X: y\r\n".repeat(2000))).unwrap_err();
+        assert_eq!((e.status, e.head), (Status::HeaderFieldsTooLarge, true));
+        // Too many header fields, however short.
+        let many = |n: usize| format!("GET /health HTTP/1.1\r\nHost: h\r\n{}\r\n", "X: y\r\n".repeat(n));
+        assert_eq!(ok(&many(MAX_HEADERS - 1)).route, Route::Health);
+        assert_eq!(status(&many(MAX_HEADERS)), Status::HeaderFieldsTooLarge);
+        // Other bounds can be asked for.
+        let small = Limits { max_head: 32, max_body: 8 };
+        assert_eq!(
+            parse(get("/health").as_bytes(), &small).unwrap_err().status,
+            Status::HeaderFieldsTooLarge
+        );
+    }
+
+    #[test]
+    fn the_body_bound_is_413_before_the_body_arrives() {
+        let head = |len: usize| {
+            format!("POST /unsubscribe/{TOK} HTTP/1.1\r\nHost: h\r\nContent-Type: {URLENCODED}\r\nContent-Length: {len}\r\n\r\n")
+        };
+        assert_eq!(status(&head(MAX_BODY + 1)), Status::PayloadTooLarge);
+        assert_eq!(status(&head(usize::MAX)), Status::PayloadTooLarge);
+        assert_eq!(
+            status(&format!("{}99999999999999999999999999\r\n\r\n", &head(0)[..head(0).len() - 5])),
+            Status::PayloadTooLarge
+        );
+        // At the bound: waited for, then taken.
+        let body = format!("all=1&{}", "x".repeat(MAX_BODY - 6));
+        let whole = format!("{}{body}", head(MAX_BODY));
+        assert_eq!(req(&whole[..whole.len() - 1]), Ok(None));
+        let r = ok(&whole);
+        assert_eq!((r.action(), r.len), (Action::OptOut(&token()), whole.len()));
+    }
+
+    #[test]
+    fn framing_errors() {
+        let h = |extra: &str| format!("POST /unsubscribe/{TOK} HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
+        assert_eq!(status(&h("Transfer-Encoding: chunked\r\n")), Status::LengthRequired);
+        assert_eq!(status(&h("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n")), Status::LengthRequired);
+        for cl in ["abc", "-1", "+1", "1 2", "0x10", "", "1,1"] {
+            assert_eq!(status(&h(&format!("Content-Length: {cl}\r\n"))), Status::BadRequest, "{cl:?}");
+        }
+        assert_eq!(status(&h("Content-Length: 1\r\nContent-Length: 1\r\n")), Status::BadRequest);
+        assert_eq!(status(&h("Content-Type: a/b\r\nContent-Type: a/b\r\n")), Status::BadRequest);
+        assert_eq!(status(&h("Authorization: Bearer a\r\nAuthorization: Bearer b\r\n")), Status::BadRequest);
+        assert_eq!(status(&h("Host: other\r\n")), Status::BadRequest);
+        assert_eq!(status("GET /health HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        for bad in [
+            "GET /health\r\n\r\n",
+            "GET /health HTTP/2.0\r\nHost: h\r\n\r\n",
+            "GET  /health HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /health HTTP/1.1\r\nHost h\r\n\r\n",
+            "GET /health HTTP/1.1\r\n Host: h\r\n\r\n",
+            "GET /health HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n",
+            "GET /hea\x7fth HTTP/1.1\r\nHost: h\r\n\r\n",
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03",
+        ] {
+            assert_eq!(status(bad), Status::BadRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_body_is_waited_for() {
+        let whole = post(&format!("/confirm/{TOK}"), URLENCODED, "confirm=1");
+        for cut in 0..whole.len() {
+            assert_eq!(req(&whole[..cut]), Ok(None), "{cut}");
+        }
+        assert_eq!(ok(&whole).action(), Action::Confirm(&token()));
+        // A GET's body is waited for as well, so the client is not cut off mid-send.
+        let get_body = "GET /health HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nx";
+        assert_eq!(req(get_body), Ok(None));
+        assert_eq!(ok(&format!("{get_body}y")).form, Form::default());
+    }
+
+    #[test]
+    fn urlencoded_buttons() {
+        let c = format!("/confirm/{TOK}");
+        let u = format!("/unsubscribe/{TOK}");
+        let t = token();
+        let action = |path: &str, body: &str, want: Action<'_>| {
+            assert_eq!(ok(&post(path, URLENCODED, body)).action(), want, "{body}");
+        };
+        action(&c, "confirm=1", Action::Confirm(&t));
+        action(&c, "x=%zz&confirm=1&y", Action::Confirm(&t));
+        action(&u, "unsubscribe=1", Action::Unsubscribe(&t));
+        action(&u, "all=1", Action::OptOut(&t));
+        action(&u, "unsubscribe=1&all=1", Action::OptOut(&t));
+        action(&u, "List-Unsubscribe=One-Click", Action::Unsubscribe(&t));
+        action(&u, "List%2dUnsubscribe=One%2DClick", Action::Unsubscribe(&t));
+        let r =
+            ok(&post(&u, "Application/X-WWW-Form-Urlencoded; charset=UTF-8", "List-Unsubscribe=One-Click"));
+        assert_eq!(r.form, Form { one_click: true, ..Form::default() });
+        // A POST without its page's button changes nothing.
+        for (path, body) in [
+            (&c, ""),
+            (&c, "confirm=0"),
+            (&c, "confirm=1x"),
+            (&c, "confirm"),
+            (&c, "Confirm=1"),
+            (&c, "unsubscribe=1"),
+            (&c, "all=1"),
+            (&c, "List-Unsubscribe=One-Click"),
+            (&c, "confirm=%31%"),
+            (&u, "confirm=1"),
+            (&u, "List-Unsubscribe=One-Click-Please"),
+            (&u, "list-unsubscribe=one-click"),
+            (&u, "all=on"),
+        ] {
+            let e = req(&post(path, URLENCODED, body)).unwrap_err();
+            assert_eq!(e.status, Status::BadRequest, "{path} {body}");
+            assert!(e.reason.contains("nothing was changed"), "{}", e.reason);
+        }
+        let bare = format!("POST {u} HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(status(&bare), Status::BadRequest);
+    }
+
+    fn multipart_body(boundary: &str, fields: &[(&str, &str)]) -> String {
+        let mut b = String::from("preamble to ignore\r\n");
+        for (name, value) in fields {
+            b.push_str(&format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            ));
+        }
+        b.push_str(&format!("--{boundary}--\r\nepilogue"));
+        b
+    }
+
+    #[test]
+    fn multipart_buttons() {
+        let u = format!("/unsubscribe/{TOK}");
+        let boundary = "------------------------d74496d66958873e";
+        let ct = format!("multipart/form-data; boundary={boundary}");
+        // As curl -F sends RFC 8058's one-click body.
+        let body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--{boundary}--\r\n"
+        );
+        let r = ok(&post(&u, &ct, &body));
+        assert_eq!((r.action(), r.form.one_click), (Action::Unsubscribe(&token()), true));
+        let body = multipart_body(boundary, &[("x", "y"), ("all", "1")]);
+        assert_eq!(ok(&post(&u, &ct, &body)).action(), Action::OptOut(&token()));
+        let quoted = "Multipart/Form-Data; charset=utf-8; boundary=\"a b:c\"";
+        let body = multipart_body("a b:c", &[("unsubscribe", "1")]);
+        assert_eq!(ok(&post(&u, quoted, &body)).action(), Action::Unsubscribe(&token()));
+        let body = multipart_body(boundary, &[("confirm", "1")]);
+        let r = ok(&post(&format!("/confirm/{TOK}"), &ct, &body));
+        assert_eq!(r.action(), Action::Confirm(&token()));
+        // A part with other headers, a file name, and a value that is not ours.
+        let body = format!(
+            "--{boundary}\r\nContent-Type: text/plain\r\nContent-Disposition: form-data; filename=\"x\"; name=all\r\n\r\n1\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"unsubscribe\"\r\n\r\n1 \r\n--{boundary}--"
+        );
+        assert_eq!(ok(&post(&u, &ct, &body)).form, Form { all: true, ..Form::default() });
+        // Without its button: 400, as urlencoded.
+        let body = multipart_body(boundary, &[("unsubscribe", "0"), ("List-Unsubscribe", "one-click")]);
+        assert_eq!(status(&post(&u, &ct, &body)), Status::BadRequest);
+        let body = multipart_body(boundary, &[]);
+        assert_eq!(status(&post(&u, &ct, &body)), Status::BadRequest);
+        // Malformed.
+        let one_click = multipart_body(boundary, &[("List-Unsubscribe", "One-Click")]);
+        let malformed = [
+            ("multipart/form-data".to_owned(), one_click.clone()),
+            ("multipart/form-data; boundary=".to_owned(), one_click.clone()),
+            (format!("multipart/form-data; boundary={}", "b".repeat(71)), one_click.clone()),
+            (format!("multipart/form-data; boundary=x{boundary}"), one_click.clone()),
+            (ct.clone(), one_click.replace("--\r\nepilogue", "")),
+            (ct.clone(), one_click.replace("\"\r\n\r\n", "\"\r\n")),
+            (ct.clone(), format!("--{boundary}junk\r\n\r\n\r\n--{boundary}--")),
+        ];
+        for (ct, body) in malformed {
+            assert_eq!(status(&post(&u, &ct, &body)), Status::BadRequest, "{ct} {body:?}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_no_form_is_415() {
+        let u = format!("/unsubscribe/{TOK}");
+        assert_eq!(
+            status(&post(&u, "text/plain", "List-Unsubscribe=One-Click")),
+            Status::UnsupportedMediaType
+        );
+        assert_eq!(status(&post(&u, "application/json", "{}")), Status::UnsupportedMediaType);
+        let untyped = format!("POST {u} HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nall=1");
+        assert_eq!(status(&untyped), Status::UnsupportedMediaType);
+    }
+
+    #[test]
+    fn proxy_headers_are_noted() {
+        let with = |h: &str| ok(&format!("GET /metrics HTTP/1.1\r\nHost: h\r\n{h}\r\n\r\n")).proxied;
+        assert!(!with("X-Other: 1"));
+        assert!(with("Forwarded: for=192.0.2.60;proto=https"));
+        assert!(with("forwarded: for=\"[2001:db8::1]\""));
+        assert!(with("X-Forwarded-For: 127.0.0.1"));
+        assert!(with("x-forwarded-for: "));
+        assert!(with("X-Real-IP: 127.0.0.1"));
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let with = |h: &str| ok(&format!("GET /metrics HTTP/1.1\r\nHost: h\r\n{h}\r\n\r\n")).bearer;
+        assert_eq!(with("Authorization: Bearer s3cret-T0ken"), Some(Token("s3cret-T0ken".into())));
+        assert_eq!(with("authorization: bearer   s3cret \t"), Some(Token("s3cret".into())));
+        assert_eq!(with("Authorization: Basic dXNlcjpwYXNz"), None);
+        assert_eq!(with("Authorization: Bearer"), None);
+        assert_eq!(with("Authorization: Bearer "), None);
+        assert_eq!(with("Authorization: Bearer a b"), None);
+        assert_eq!(with("Authorization: Bearerabc"), None);
+        // Neither the bearer nor a link token ever shows in a logged request.
+        let r = ok(&format!(
+            "GET /confirm/{TOK} HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer s3cret-T0ken\r\n\r\n"
+        ));
+        let logged = format!("{r:?} {:?} {:?}", r.action(), r.route);
+        assert!(!logged.contains("s3cret") && !logged.contains(TOK), "{logged}");
+        assert_eq!(r.route.name(), "confirm");
+    }
+
+    #[test]
+    fn every_response_carries_the_safety_headers() {
+        let responses = [
+            confirm_page("a@b", &["e"]),
+            confirm_page("a@b", &[]),
+            confirmed_page("a@b", &["e", "f"]),
+            confirmed_page("a@b", &[]),
+            unsubscribe_page("a@b", "e"),
+            unsubscribed_page("a@b", "e"),
+            opted_out_page("a@b"),
+            not_found_page(),
+            error_page(Status::InternalServerError, "the database did not answer"),
+            forbidden(),
+            health(&[]),
+            health(&["store"]),
+            metrics_response(&[]),
+        ];
+        for r in &responses {
+            for head in [false, true] {
+                let out = bytes(r, head);
+                let code = r.status.code();
+                assert!(out.starts_with(&format!("HTTP/1.1 {code} {}\r\n", r.status.reason())), "{out}");
+                for h in [
+                    "Date: Sun, 06 Nov 1994 08:49:37 GMT",
+                    "Connection: close",
+                    "Cache-Control: no-store",
+                    "Referrer-Policy: no-referrer",
+                    "X-Frame-Options: DENY",
+                    "X-Content-Type-Options: nosniff",
+                    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+                    &format!("Content-Length: {}", r.body.len()),
+                ] {
+                    assert_eq!(out.matches(&format!("\r\n{h}\r\n")).count(), 1, "{h} in {out}");
+                }
+                assert!(!out.contains("Location"), "{out}");
+                let (_, body) = out.split_once("\r\n\r\n").unwrap();
+                assert_eq!(body, if head { "" } else { &r.body });
+            }
+            if r.content_type == ContentType::Html {
+                assert!(r.body.starts_with("<!DOCTYPE html>"));
+                // No script, no external resource, no link anywhere.
+                for banned in ["<script", "src=", "href=", "://", "<link", "@import", "url("] {
+                    assert!(!r.body.contains(banned), "{banned} in {}", r.body);
+                }
+            }
+        }
+        assert!(bytes(&health(&[]), false).contains("\r\nContent-Type: text/plain; charset=utf-8\r\n"));
+        let m = bytes(&metrics_response(&[]), false);
+        assert!(m.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+        assert!(bytes(&not_found_page(), false).contains("\r\nContent-Type: text/html; charset=utf-8\r\n"));
+    }
+
+    #[test]
+    fn the_pages_say_what_they_do() {
+        let p = confirm_page("ana@example.com", &["orders.shipped", "orders.paid"]).body;
+        assert!(p.contains("<strong>ana@example.com</strong>"));
+        assert!(p.contains("<li><code>orders.shipped</code></li>\n<li><code>orders.paid</code></li>"));
+        assert!(p.contains("<form method=\"post\">"));
+        assert!(p.contains("name=\"confirm\" value=\"1\">Confirm</button>"));
+        let p = unsubscribe_page("ana@example.com", "orders.shipped").body;
+        assert!(p.contains("name=\"unsubscribe\" value=\"1\">Unsubscribe</button>"));
+        assert!(p.contains("name=\"all\" value=\"1\">Stop all email to this address</button>"));
+        assert!(p.contains("<code>orders.shipped</code>"));
+        let p = confirmed_page("ana@example.com", &["orders.shipped"]).body;
+        assert!(p.contains("<p><strong>ana@example.com</strong> will receive"));
+        assert!(unsubscribed_page("a@b", "e").body.contains("name=\"all\""));
+        assert!(confirm_page("a@b", &[]).body.contains("Nothing to confirm"));
+        assert_eq!(confirm_page("a@b", &[]), confirmed_page("a@b", &[]));
+        assert_eq!(health(&[]).body, "ok");
+        assert_eq!(
+            health(&["store", "mailer 2"]),
+            Response {
+                status: Status::ServiceUnavailable,
+                content_type: ContentType::Text,
+                allow: None,
+                body: "down: store, mailer 2".into(),
+            }
+        );
+        let e = req(&post(&format!("/confirm/{TOK}"), URLENCODED, "")).unwrap_err();
+        let p = e.response();
+        assert_eq!(p.status, Status::BadRequest);
+        assert!(p.body.contains("<title>Bad Request</title>") && p.body.contains("nothing was changed"));
+        assert_eq!(req(&get("/nope")).unwrap_err().response(), not_found_page());
+    }
+
+    #[test]
+    fn inserted_values_are_escaped() {
+        let mut s = String::new();
+        escape_html(&mut s, "a&b<c>d\"e'f é");
+        assert_eq!(s, "a&amp;b&lt;c&gt;d&quot;e&#39;f é");
+        let evil = "<script>alert('x')</script>\"&";
+        let escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&quot;&amp;";
+        for r in [
+            confirm_page(evil, &[evil, "ok"]),
+            confirmed_page(evil, &[evil]),
+            unsubscribe_page(evil, evil),
+            unsubscribed_page(evil, evil),
+            opted_out_page(evil),
+            error_page(Status::BadRequest, evil),
+        ] {
+            assert!(!r.body.contains("<script") && !r.body.contains("'x'"), "{}", r.body);
+            assert!(r.body.contains(escaped), "{}", r.body);
+        }
+        let both = unsubscribe_page(evil, evil).body;
+        assert_eq!(both.matches(escaped).count(), 2);
+    }
+
+    #[test]
+    fn http_dates() {
+        let date = |secs| {
+            let mut out = Vec::new();
+            imf_fixdate(secs, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(date(1_709_251_199), "Thu, 29 Feb 2024 23:59:59 GMT");
+        assert_eq!(date(1_795_824_309), "Sat, 28 Nov 2026 00:05:09 GMT");
+        assert_eq!(date(4_102_444_800), "Fri, 01 Jan 2100 00:00:00 GMT");
+        assert_eq!(date(-5), "Thu, 01 Jan 1970 00:00:00 GMT");
+    }
+
+    #[test]
+    fn metrics_parse_as_prometheus_text() {
+        let metrics = [
+            Metric {
+                name: "uptime_seconds",
+                help: "Seconds since start-up.",
+                kind: MetricKind::Gauge,
+                value: 42,
+            },
+            Metric {
+                name: "connections",
+                help: "Client connections now.",
+                kind: MetricKind::Gauge,
+                value: 0,
+            },
+            Metric {
+                name: "emails_sent_total",
+                help: "Emails handed to the relay.\nA back\\slash too.",
+                kind: MetricKind::Counter,
+                value: u64::from(u32::MAX) + 7,
+            },
+        ];
+        let r = metrics_response(&metrics);
+        assert_eq!(r.content_type, ContentType::Prometheus);
+        assert!(r.body.starts_with(
+            "# HELP notifd_uptime_seconds Seconds since start-up.\n# TYPE notifd_uptime_seconds gauge\nnotifd_uptime_seconds 42\n"
+        ));
+        assert!(r.body.contains(
+            "# HELP notifd_emails_sent_total Emails handed to the relay.\\nA back\\\\slash too.\n"
+        ));
+        let lines = r.body.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+        assert_eq!(scrape.samples.len(), 3);
+        for (m, s) in metrics.iter().zip(&scrape.samples) {
+            assert_eq!(s.metric, format!("notifd_{}", m.name));
+            let want = match m.kind {
+                MetricKind::Counter => prometheus_parse::Value::Counter(m.value as f64),
+                MetricKind::Gauge => prometheus_parse::Value::Gauge(m.value as f64),
+            };
+            assert_eq!(s.value, want);
+            assert!(scrape.docs.contains_key(&s.metric), "{:?}", scrape.docs);
+        }
+        assert_eq!(scrape.docs["notifd_uptime_seconds"], "Seconds since start-up.");
+    }
+
+    #[test]
+    fn the_reader_gives_parse_answers_a_byte_at_a_time() {
+        let requests = [
+            get(&format!("/confirm/{TOK}")),
+            post(&format!("/unsubscribe/{TOK}"), URLENCODED, "List-Unsubscribe=One-Click"),
+            "\n\r\n\nGET /health HTTP/1.1\nHost: h\n\n".to_owned(),
+            "GET /nope HTTP/1.1\r\nHost: h\r\n\r\n".to_owned(),
+            "BAD\0 / HTTP/1.1\r\n\r\n".to_owned(),
+        ];
+        for r in requests {
+            let mut reader = RequestReader::new();
+            let limits = Limits::default();
+            let mut got = Ok(None);
+            for end in 1..=r.len() {
+                got = reader.read(&r.as_bytes()[..end], &limits);
+                if got != Ok(None) {
+                    assert_eq!(end, r.len(), "{r:?}");
+                }
+            }
+            assert_eq!(got, req(&r), "{r:?}");
+            assert_ne!(got, Ok(None), "{r:?}");
+        }
+        // A head that never ends is refused at the bound.
+        let mut reader = RequestReader::new();
+        let endless = format!("GET /health HTTP/1.1\r\nX: {}", "y".repeat(MAX_HEAD));
+        let limits = Limits::default();
+        for end in 1..MAX_HEAD {
+            assert_eq!(reader.read(&endless.as_bytes()[..end], &limits), Ok(None));
+        }
+        let e = reader.read(&endless.as_bytes()[..MAX_HEAD], &limits).unwrap_err();
+        assert_eq!(e.status, Status::HeaderFieldsTooLarge);
+    }
+
+    /// A valid request of any route, method and form, with some other headers.
+    fn valid_request() -> impl Strategy<Value = (String, Request)> {
+        let route = prop_oneof![
+            "[A-Za-z0-9_-]{22,60}".prop_map(|t| Route::Confirm(Token(t))),
+            "[A-Za-z0-9_-]{22,60}".prop_map(|t| Route::Unsubscribe(Token(t))),
+            Just(Route::Metrics),
+            Just(Route::Health),
+        ];
+        let extra = proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,20}", "[ -~]{0,40}"), 0..6);
+        (route, any::<bool>(), any::<bool>(), extra, any::<bool>(), any::<bool>()).prop_map(
+            |(route, post, head, extra, proxied, multipart)| {
+                let is_form = matches!(route, Route::Confirm(_) | Route::Unsubscribe(_));
+                let method = match (post && is_form, head) {
+                    (true, _) => Method::Post,
+                    (false, true) => Method::Head,
+                    (false, false) => Method::Get,
+                };
+                let path = match &route {
+                    Route::Confirm(t) => format!("/confirm/{}", t.as_str()),
+                    Route::Unsubscribe(t) => format!("/unsubscribe/{}", t.as_str()),
+                    Route::Metrics => "/metrics".into(),
+                    Route::Health => "/health".into(),
+                };
+                let (field, value, form) = match route {
+                    Route::Confirm(_) => ("confirm", "1", Form { confirm: true, ..Form::default() }),
+                    _ => ("List-Unsubscribe", "One-Click", Form { one_click: true, ..Form::default() }),
+                };
+                let mut s = format!(
+                    "{} {path} HTTP/1.1\r\nHost: notifd.example\r\n",
+                    match method {
+                        Method::Get => "GET",
+                        Method::Head => "HEAD",
+                        Method::Post => "POST",
+                    }
+                );
+                for (name, value) in extra {
+                    let special =
+                        ["host", "content-length", "content-type", "transfer-encoding", "authorization"];
+                    let proxy = ["forwarded", "x-forwarded-for", "x-real-ip"];
+                    let lower = name.to_ascii_lowercase();
+                    if !special.contains(&lower.as_str()) && !proxy.contains(&lower.as_str()) {
+                        s.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                }
+                if proxied {
+                    s.push_str("X-Forwarded-For: 192.0.2.1\r\n");
+                }
+                let mut want_form = Form::default();
+                if method == Method::Post {
+                    want_form = form;
+                    let (ct, body) = if multipart {
+                        (
+                            "multipart/form-data; boundary=XyZ".to_owned(),
+                            multipart_body("XyZ", &[(field, value)]),
+                        )
+                    } else {
+                        (URLENCODED.to_owned(), format!("{field}={value}"))
+                    };
+                    s.push_str(&format!(
+                        "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    ));
+                } else {
+                    s.push_str("\r\n");
+                }
+                let len = s.len();
+                (s, Request { method, route, form: want_form, proxied, bearer: None, len })
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            fuzz(&data);
+            let _ = parse(&data, &Limits::default());
+            let _ = RequestReader::new().read(&data, &Limits::default());
+        }
+
+        #[test]
+        fn arbitrary_heads_never_panic(
+            method in "GET|HEAD|POST|PUT|[A-Z]{1,8}",
+            path in "/[ -~]{0,40}",
+            headers in proptest::collection::vec(("[!-~]{1,20}", "[ -~]{0,40}"), 0..10),
+            body in "[ -~]{0,200}",
+            chunk in 1u8..40,
+            host in any::<bool>(),
+        ) {
+            let mut s = format!("{method} {path} HTTP/1.1\r\n");
+            if host {
+                s.push_str("Host: h\r\n");
+            }
+            for (n, v) in headers {
+                s.push_str(&format!("{n}: {v}\r\n"));
+            }
+            s.push_str(&format!("\r\n{body}"));
+            let mut data = vec![chunk];
+            data.extend_from_slice(s.as_bytes());
+            fuzz(&data);
+        }
+
+        #[test]
+        fn a_request_split_anywhere_parses_as_whole((s, want) in valid_request(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 1..4)) {
+            let limits = Limits::default();
+            prop_assert_eq!(parse(s.as_bytes(), &limits), Ok(Some(want.clone())));
+            // Every prefix is "need more", never an answer of its own.
+            for end in 0..s.len() {
+                prop_assert_eq!(parse(&s.as_bytes()[..end], &limits), Ok(None), "cut at {}", end);
+            }
+            // Fed in pieces, the reader gets the same request at the last byte.
+            let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(s.len())).collect();
+            ends.push(s.len());
+            ends.sort_unstable();
+            let mut reader = RequestReader::new();
+            for &end in &ends[..ends.len() - 1] {
+                prop_assert_eq!(reader.read(&s.as_bytes()[..end], &limits), Ok(None));
+            }
+            prop_assert_eq!(reader.read(s.as_bytes(), &limits), Ok(Some(want)));
+        }
+
+        #[test]
+        fn escaping_leaves_no_markup(s in "\\PC{0,60}") {
+            let mut out = String::new();
+            escape_html(&mut out, &s);
+            prop_assert!(!out.contains(['<', '>', '"', '\'']));
+            let back = out.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'").replace("&amp;", "&");
+            prop_assert_eq!(back, s);
+        }
+    }
+}
