@@ -215,9 +215,10 @@ pub enum Status {
     UnsupportedMediaType,
     /// 431: a head over the bound, or too many headers.
     HeaderFieldsTooLarge,
-    /// 500: the store failed to answer a page's question.
+    /// 500: the store reported an error for a page's question.
     InternalServerError,
-    /// 503: `/health` when the store or a mailer does not answer, or the server is full.
+    /// 503: `/health` when the store or a mailer does not answer, a page whose store
+    /// request timed out, or `http_max_clients` reached.
     ServiceUnavailable,
 }
 
@@ -813,8 +814,13 @@ fn address(b: &mut String, address: &str) {
     b.push_str("</strong>");
 }
 
-fn event_list(b: &mut String, events: &[&str]) {
-    b.push_str("<ul>\n");
+/// "`before` **addr** `verb` an email each time one of these events happens:" and the
+/// events, one per line.
+fn address_and_events(b: &mut String, (before, addr, verb): (&str, &str, &str), events: &[&str]) {
+    b.push_str(before);
+    address(b, addr);
+    b.push_str(verb);
+    b.push_str(" an email each time one of these events happens:</p>\n<ul>\n");
     for e in events {
         b.push_str("<li><code>");
         escape_html(b, e);
@@ -851,10 +857,7 @@ pub fn confirm_page(addr: &str, events: &[&str]) -> Response {
         return nothing_to_confirm(addr);
     }
     page(Status::Ok, "Confirm email notifications", |b| {
-        b.push_str("<p>Someone asked that ");
-        address(b, addr);
-        b.push_str(" receive an email each time one of these events happens:</p>\n");
-        event_list(b, events);
+        address_and_events(b, ("<p>Someone asked that ", addr, " receive"), events);
         buttons(b, &[("confirm", "Confirm")]);
         b.push_str(
             "<p class=\"quiet\">If you did not ask for this, close this page: nothing is sent to \
@@ -870,10 +873,7 @@ pub fn confirmed_page(addr: &str, events: &[&str]) -> Response {
         return nothing_to_confirm(addr);
     }
     page(Status::Ok, "Subscription confirmed", |b| {
-        b.push_str("<p>");
-        address(b, addr);
-        b.push_str(" will receive an email each time one of these events happens:</p>\n");
-        event_list(b, events);
+        address_and_events(b, ("<p>", addr, " will receive"), events);
         b.push_str("<p class=\"quiet\">Every such email carries a link to stop it.</p>\n");
     })
 }
@@ -932,11 +932,16 @@ pub fn not_found_page() -> Response {
     })
 }
 
-/// A page for any other refusal or failure: the status and one sentence.
+/// A page for any other refusal or failure: the status and one sentence (`text` may
+/// start in lower case, as a log line's reason does).
 pub fn error_page(status: Status, text: &str) -> Response {
     page(status, status.reason(), |b| {
         b.push_str("<p>");
-        escape_html(b, text);
+        let mut chars = text.chars();
+        if let Some(first) = chars.next() {
+            escape_html(b, first.to_ascii_uppercase().encode_utf8(&mut [0; 4]));
+        }
+        escape_html(b, chars.as_str());
         b.push_str(".</p>\n");
     })
 }
@@ -1524,7 +1529,7 @@ mod tests {
         let e = req(&post(&format!("/confirm/{TOK}"), URLENCODED, "")).unwrap_err();
         let p = e.response();
         assert_eq!(p.status, Status::BadRequest);
-        assert!(p.body.contains("<title>Bad Request</title>") && p.body.contains("nothing was changed"));
+        assert!(p.body.contains("<title>Bad Request</title>") && p.body.contains("<p>Nothing was changed: "));
         assert_eq!(req(&get("/nope")).unwrap_err().response(), not_found_page());
     }
 
