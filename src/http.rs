@@ -371,8 +371,10 @@ fn parse_step(buf: &[u8], limits: &Limits) -> Result<Step, HttpError> {
 /// Parses requests incrementally for one connection: between calls it remembers how far
 /// it looked for the end of the head and how long the body is, so a client sending one
 /// byte at a time costs a scan of each byte once, not a parse of the whole head each
-/// time. Its answers are [`parse`]'s, but a malformed head may be answered only once its
-/// blank line (or the head bound) arrives.
+/// time. Its answers are [`parse`]'s, but a head that goes wrong after the first bytes
+/// may be answered only once its blank line (or the head bound) arrives: the first
+/// bytes are always parsed, so what is not HTTP at all (a TLS handshake on the plain
+/// port) is answered at once rather than at the timeout.
 #[derive(Debug, Default, Clone)]
 pub struct RequestReader {
     /// Bytes already scanned for the end of the head.
@@ -398,8 +400,9 @@ impl RequestReader {
                 // The longest end marker is 3 bytes: look 2 back so none is split.
                 let from = self.scanned.saturating_sub(2).min(window.len());
                 let ended = has_blank_line(&window[from..]);
+                let first = self.scanned == 0;
                 self.scanned = window.len();
-                if !ended && window.len() < limits.max_head {
+                if !ended && !first && window.len() < limits.max_head {
                     return Ok(None);
                 }
             }
@@ -1638,6 +1641,10 @@ mod tests {
             assert_eq!(got, req(&r), "{r:?}");
             assert_ne!(got, Ok(None), "{r:?}");
         }
+        // What is not HTTP is refused with its first bytes.
+        let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        let e = RequestReader::new().read(hello, &Limits::default()).unwrap_err();
+        assert_eq!(e.status, Status::BadRequest);
         // A head that never ends is refused at the bound.
         let mut reader = RequestReader::new();
         let endless = format!("GET /health HTTP/1.1\r\nX: {}", "y".repeat(MAX_HEAD));
