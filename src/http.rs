@@ -315,6 +315,7 @@ enum Step {
     NeedHead,
     /// The head is whole; the body ends at this length of the buffer.
     NeedBody(usize),
+    /// The request is whole (and bytes may follow it).
     Done(Request),
 }
 
@@ -359,7 +360,8 @@ fn parse_step(buf: &[u8], limits: &Limits) -> Result<Step, HttpError> {
         form = read_form(body, fields.content_type).map_err(|(s, r)| err(s, r))?;
         let pressed = match route {
             Route::Confirm(_) => form.confirm,
-            _ => form.unsubscribe || form.one_click || form.all,
+            Route::Unsubscribe(_) => form.unsubscribe || form.one_click || form.all,
+            Route::Metrics | Route::Health => false,
         };
         if !pressed {
             return Err(err(Status::BadRequest, "nothing was changed: the form did not carry its button"));
