@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod http;
 pub mod ipc;
 pub mod listen;
 pub mod logger;
