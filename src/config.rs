@@ -121,6 +121,17 @@ pub struct Config {
     pub log: Option<LogTarget>,
     /// The least important messages logged.
     pub log_level: log::LevelFilter,
+    /// TLS port, beside the plain one on the same `host`; 0 lets the kernel choose.
+    /// Used only when `tls_cert_file` is set.
+    pub tls_port: u16,
+    /// The server's PEM certificate chain, leaf first; `None`: no TLS port.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`; set exactly when it is.
+    pub tls_key_file: Option<PathBuf>,
+    /// A PEM CA whose client certificates make a TLS client trusted.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether the plain-text port is open; false needs `tls_cert_file`.
+    pub plain: bool,
 }
 
 impl Default for Config {
@@ -159,6 +170,11 @@ impl Default for Config {
             pid_file: "/run/notifd/notifd.pid".into(),
             log: None,
             log_level: log::LevelFilter::Info,
+            tls_port: 7643,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            plain: true,
         }
     }
 }
@@ -327,6 +343,11 @@ impl Config {
                     other => return Err(one_of(key, other, "error, warn, info, debug or trace")),
                 }
             }
+            "tls_port" => self.tls_port = int(key, v, 0, 65535)? as u16,
+            "tls_cert_file" => self.tls_cert_file = opt_path(v)?,
+            "tls_key_file" => self.tls_key_file = opt_path(v)?,
+            "tls_client_ca_file" => self.tls_client_ca_file = opt_path(v)?,
+            "plain" => self.plain = boolean(key, v)?,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -354,6 +375,24 @@ impl Config {
         }
         if self.smtp_host.is_empty() {
             return Err(("smtp_host", "\"smtp_host\" must not be empty".into()));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(("tls_cert_file", "\"tls_cert_file\" needs \"tls_key_file\"".into()))
+            }
+            (None, Some(_)) => {
+                return Err(("tls_key_file", "\"tls_key_file\" needs \"tls_cert_file\"".into()))
+            }
+            _ => {}
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(("tls_client_ca_file", "\"tls_client_ca_file\" needs \"tls_cert_file\"".into()));
+        }
+        if !self.plain && self.tls_cert_file.is_none() {
+            return Err((
+                "plain",
+                "\"plain = false\" needs \"tls_cert_file\": there would be no port to listen on".into(),
+            ));
         }
         Ok(())
     }
@@ -393,6 +432,11 @@ const KEYS: &[&str] = &[
     "pid_file",
     "log",
     "log_level",
+    "tls_port",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "plain",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -471,6 +515,13 @@ fn int(key: &str, v: &Value, min: i64, max: i64) -> Result<i64, String> {
         Value::Integer(i) if (min..=max).contains(i.value()) => Ok(*i.value()),
         Value::Integer(i) => Err(format!("\"{key}\" must be from {min} to {max}, not {}", i.value())),
         other => Err(format!("\"{key}\" must be an integer, not {}", other.type_name())),
+    }
+}
+
+fn boolean(key: &str, v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Boolean(b) => Ok(*b.value()),
+        other => Err(format!("\"{key}\" must be true or false, not {}", other.type_name())),
     }
 }
 
@@ -748,5 +799,56 @@ log_level = "debug"
         assert_eq!(Config::load(p, true).unwrap(), Config::default());
         let e = Config::load(p, false).unwrap_err();
         assert!(e.to_string().starts_with("/nonexistent/notifd.conf: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_set_their_values() {
+        let c = parse("").unwrap();
+        assert_eq!((c.tls_port, c.plain), (7643, true));
+        assert_eq!((c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file), (None, None, None));
+        let c = parse(
+            r#"
+tls_port = 0
+tls_cert_file = "tls/chain.pem"
+tls_key_file = "/etc/ssl/private/notifd.key"
+tls_client_ca_file = "clients.pem"
+plain = false
+"#,
+        )
+        .unwrap();
+        assert_eq!((c.tls_port, c.plain), (0, false));
+        assert_eq!(c.tls_cert_file.as_deref(), Some(Path::new("/etc/notifd/tls/chain.pem")));
+        assert_eq!(c.tls_key_file.as_deref(), Some(Path::new("/etc/ssl/private/notifd.key")));
+        assert_eq!(c.tls_client_ca_file.as_deref(), Some(Path::new("/etc/notifd/clients.pem")));
+        // Empty is unset, as for the other optional files.
+        let c = parse("tls_cert_file = \"\"\ntls_key_file = \"\"\n").unwrap();
+        assert_eq!((c.tls_cert_file, c.tls_key_file), (None, None));
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        assert_eq!(
+            error("port = 1\ntls_key_file = \"k.pem\"\n"),
+            "test.conf line 2: \"tls_key_file\" needs \"tls_cert_file\""
+        );
+        assert_eq!(
+            error("\n\ntls_cert_file = \"c.pem\"\n"),
+            "test.conf line 3: \"tls_cert_file\" needs \"tls_key_file\""
+        );
+        assert_eq!(
+            error("tls_client_ca_file = \"ca.pem\""),
+            "test.conf line 1: \"tls_client_ca_file\" needs \"tls_cert_file\""
+        );
+        assert_eq!(
+            error("port = 1\nplain = false\n"),
+            "test.conf line 2: \"plain = false\" needs \"tls_cert_file\": there would be no port to listen on"
+        );
+        assert!(parse("plain = false\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n").is_ok());
+        assert_eq!(error("plain = \"no\""), "test.conf line 1: \"plain\" must be true or false, not string");
+        assert_eq!(
+            error("tls_port = 65536"),
+            "test.conf line 1: \"tls_port\" must be from 0 to 65535, not 65536"
+        );
+        assert!(error("tls_prot = 1").ends_with("(did you mean \"tls_port\"?)"));
     }
 }
