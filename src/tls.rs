@@ -161,7 +161,7 @@ mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
     use rustls::pki_types::ServerName;
-    use rustls::{ClientConfig, ClientConnection};
+    use rustls::{ClientConfig, ClientConnection, ConnectionCommon};
     use std::io::{Read, Write};
 
     /// A CA and PEM files in a temporary folder: `server.pem`/`server.key` for
@@ -237,6 +237,26 @@ mod tests {
         }
     }
 
+    /// Hands all that `from` has to send to `to`; whether there was anything. The error
+    /// is `to`'s, refusing what it got.
+    fn transfer<F, T>(
+        from: &mut ConnectionCommon<F>,
+        to: &mut ConnectionCommon<T>,
+    ) -> Result<bool, RustlsError> {
+        let mut moved = false;
+        while from.wants_write() {
+            let mut bytes = Vec::new();
+            from.write_tls(&mut bytes).expect("write_tls to memory");
+            moved = true;
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                to.read_tls(&mut rest).expect("read_tls from memory");
+                to.process_new_packets()?;
+            }
+        }
+        Ok(moved)
+    }
+
     /// Which side failed the handshake, and why.
     #[derive(Debug)]
     enum Failed {
@@ -248,28 +268,9 @@ mod tests {
     /// number of rounds (a handshake takes two or three).
     fn pump(client: &mut ClientConnection, server: &mut ServerConnection) -> Result<(), Failed> {
         for _ in 0..16 {
-            let mut moved = false;
-            while client.wants_write() {
-                let mut bytes = Vec::new();
-                client.write_tls(&mut bytes).expect("client write_tls");
-                moved = true;
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    server.read_tls(&mut rest).expect("server read_tls");
-                    server.process_new_packets().map_err(Failed::Server)?;
-                }
-            }
-            while server.wants_write() {
-                let mut bytes = Vec::new();
-                server.write_tls(&mut bytes).expect("server write_tls");
-                moved = true;
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    client.read_tls(&mut rest).expect("client read_tls");
-                    client.process_new_packets().map_err(Failed::Client)?;
-                }
-            }
-            if !moved {
+            let sent = transfer(client, server).map_err(Failed::Server)?;
+            let answered = transfer(server, client).map_err(Failed::Client)?;
+            if !sent && !answered {
                 return Ok(());
             }
         }
@@ -388,70 +389,44 @@ mod tests {
     #[test]
     fn garbage_files_are_named() {
         let pki = Pki::new();
+        let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
         let junk = pki.path("junk.pem");
         std::fs::write(&junk, "this is not PEM\n").unwrap();
-        let e = server_config(&junk, &pki.path("server.key"), None).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "tls_cert_file {}: no certificate in it (expected \"-----BEGIN CERTIFICATE-----\")",
-                junk.display()
-            )
-        );
-        let e = server_config(&pki.path("server.pem"), &junk, None).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "tls_key_file {}: no private key in it (expected \"-----BEGIN PRIVATE KEY-----\")",
-                junk.display()
-            )
-        );
-        // The certificate where the key should be.
-        let e = server_config(&pki.path("server.pem"), &pki.path("server.pem"), None).unwrap_err();
-        assert!(e.to_string().contains("no private key in it"), "{e}");
-        // A PEM block whose body is not base64.
+        // A PEM block whose body is not base64, and one whose base64 is no certificate.
         let broken = pki.path("broken.pem");
         std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").unwrap();
-        let e = server_config(&broken, &pki.path("server.key"), None).unwrap_err();
-        assert!(
-            e.to_string().starts_with(&format!("tls_cert_file {}: not a PEM file", broken.display())),
-            "{e}"
-        );
-        // Good base64, but not a certificate.
         let bogus = pki.path("bogus.pem");
         std::fs::write(&bogus, "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n").unwrap();
-        let e = server_config(&bogus, &pki.path("server.key"), None).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with(&format!("tls_cert_file {}: not a usable certificate", bogus.display())),
-            "{e}"
-        );
-        let e = server_config(&pki.path("server.pem"), &pki.path("server.key"), Some(&junk)).unwrap_err();
-        assert!(
-            e.to_string().starts_with(&format!("tls_client_ca_file {}: no certificate", junk.display())),
-            "{e}"
-        );
+        let no_cert = "no certificate in it (expected \"-----BEGIN CERTIFICATE-----\")";
+        let no_key = "no private key in it (expected \"-----BEGIN PRIVATE KEY-----\")";
+        for (c, k, ca, blamed, says) in [
+            (&junk, &key, None, ("tls_cert_file", &junk), no_cert),
+            (&cert, &junk, None, ("tls_key_file", &junk), no_key),
+            // The certificate where the key should be.
+            (&cert, &cert, None, ("tls_key_file", &cert), no_key),
+            (&broken, &key, None, ("tls_cert_file", &broken), "not a PEM file: "),
+            (&bogus, &key, None, ("tls_cert_file", &bogus), "not a usable certificate: "),
+            (&cert, &key, Some(&junk), ("tls_client_ca_file", &junk), no_cert),
+        ] {
+            let e = server_config(c, k, ca.map(|p| p.as_path())).expect_err("refused").to_string();
+            let (name, file) = blamed;
+            assert!(e.starts_with(&format!("{name} {}: {says}", file.display())), "{e}");
+        }
     }
 
     #[test]
     fn missing_files_are_named() {
         let pki = Pki::new();
+        let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
         let missing = pki.path("missing.pem");
-        let e = server_config(&missing, &pki.path("server.key"), None).unwrap_err();
-        assert!(
-            e.to_string().starts_with(&format!("tls_cert_file {}: cannot read: ", missing.display())),
-            "{e}"
-        );
-        let e = server_config(&pki.path("server.pem"), &missing, None).unwrap_err();
-        assert!(
-            e.to_string().starts_with(&format!("tls_key_file {}: cannot read: ", missing.display())),
-            "{e}"
-        );
-        let e = server_config(&pki.path("server.pem"), &pki.path("server.key"), Some(&missing)).unwrap_err();
-        assert!(
-            e.to_string().starts_with(&format!("tls_client_ca_file {}: cannot read: ", missing.display())),
-            "{e}"
-        );
+        for (c, k, ca, name) in [
+            (&missing, &key, None, "tls_cert_file"),
+            (&cert, &missing, None, "tls_key_file"),
+            (&cert, &key, Some(&missing), "tls_client_ca_file"),
+        ] {
+            let e = server_config(c, k, ca.map(|p| p.as_path())).expect_err("refused").to_string();
+            assert!(e.starts_with(&format!("{name} {}: cannot read: ", missing.display())), "{e}");
+        }
     }
 
     #[test]
