@@ -388,6 +388,11 @@ impl Config {
         if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
             return Err(("tls_client_ca_file", "\"tls_client_ca_file\" needs \"tls_cert_file\"".into()));
         }
+        if self.plain && self.tls_cert_file.is_some() && self.tls_port == self.port && self.port != 0 {
+            // Their defaults differ, so whichever is not at its default is in the file.
+            let key = if self.tls_port == Config::default().tls_port { "port" } else { "tls_port" };
+            return Err((key, format!("\"tls_port\" must differ from \"port\" ({})", self.port)));
+        }
         if !self.plain && self.tls_cert_file.is_none() {
             return Err((
                 "plain",
@@ -844,6 +849,19 @@ plain = false
             "test.conf line 2: \"plain = false\" needs \"tls_cert_file\": there would be no port to listen on"
         );
         assert!(parse("plain = false\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n").is_ok());
+        let both = "tls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n";
+        assert_eq!(
+            error(&format!("{both}port = 7643\n")),
+            "test.conf line 3: \"tls_port\" must differ from \"port\" (7643)"
+        );
+        assert_eq!(
+            error(&format!("{both}tls_port = 7600\n")),
+            "test.conf line 3: \"tls_port\" must differ from \"port\" (7600)"
+        );
+        // The same port is no clash when only one of them is open, or both are 0.
+        assert!(parse(&format!("{both}port = 7643\nplain = false\n")).is_ok());
+        assert!(parse(&format!("{both}port = 0\ntls_port = 0\n")).is_ok());
+        assert!(parse("port = 7643\n").is_ok());
         assert_eq!(error("plain = \"no\""), "test.conf line 1: \"plain\" must be true or false, not string");
         assert_eq!(
             error("tls_port = 65536"),

@@ -344,6 +344,24 @@ fn a_plain_text_server_fails_the_handshake_with_exit_3() {
 }
 
 #[test]
+fn a_server_that_never_answers_the_handshake_fails_with_exit_3() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port().to_string();
+    thread::spawn(move || {
+        if let Ok((mut sock, _)) = listener.accept() {
+            // Holds the connection, silent, until notif gives up.
+            let _ = sock.set_read_timeout(Some(WAIT));
+            let _ = sock.read_to_end(&mut Vec::new());
+        }
+    });
+    let ca = Ca::new("ca");
+    let o = run(&["--tls", "--ca", &ca.arg("ca.pem"), "-H", "127.0.0.1", "-p", &port, "ping"]);
+    let err = text(&o.stderr);
+    assert_eq!(code(&o), EXIT_CONNECT, "{err}");
+    assert!(err.contains("TLS handshake: no answer in time"), "{err}");
+}
+
+#[test]
 fn unusable_files_are_usage_errors_naming_the_file() {
     let ca = Ca::new("ca");
     std::fs::write(ca.path("junk.pem"), "not PEM at all\n").unwrap();

@@ -366,15 +366,18 @@ impl Stream {
         let sock = connect(host, port)?;
         let peer = sock.peer_addr().map_err(|e| Failure::Connect(e.to_string()))?;
         let _ = sock.set_nodelay(true);
-        // Bounds the handshake as well as each reply.
-        let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
-        let Some(config) = tls else { return Ok((Stream::Plain(sock), peer)) };
+        let Some(config) = tls else {
+            let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
+            return Ok((Stream::Plain(sock), peer));
+        };
         let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let name = ServerName::try_from(bare.to_owned())
             .map_err(|_| Failure::Usage(format!("{host:?} cannot be checked against a certificate")))?;
         let mut tls = ClientConnection::new(config.clone(), name)
             .map_err(|e| Failure::Connect(format!("{peer}: TLS: {e}")))?;
         let mut sock = sock;
+        // The handshake is part of connecting: bounded as connecting is, not as a reply.
+        let _ = sock.set_read_timeout(Some(CONNECT_TIMEOUT));
         while tls.is_handshaking() {
             tls.complete_io(&mut sock).map_err(|e| match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -386,6 +389,7 @@ impl Stream {
                 _ => Failure::Connect(format!("{peer}: TLS handshake: {e}")),
             })?;
         }
+        let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
         Ok((Stream::Tls(Box::new(StreamOwned::new(tls, sock))), peer))
     }
 
