@@ -325,40 +325,35 @@ fn a_client_certificate_is_presented_with_cert_and_key() {
     assert!(event.starts_with("handshake failed: "), "{event}");
 }
 
-#[test]
-fn a_plain_text_server_fails_the_handshake_with_exit_3() {
+/// A TCP server that is not TLS: it sends `first` to its one client, then holds the
+/// connection, silent, until the client leaves; returns its port.
+fn not_tls(first: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().unwrap().port().to_string();
     thread::spawn(move || {
         if let Ok((mut sock, _)) = listener.accept() {
             let _ = sock.set_read_timeout(Some(WAIT));
-            let _ = sock.write_all(b"HELLO notifd 1\r\n");
+            let _ = sock.write_all(first);
             let _ = sock.read_to_end(&mut Vec::new());
         }
     });
-    let ca = Ca::new("ca");
-    let o = run(&["--tls", "--ca", &ca.arg("ca.pem"), "-H", "127.0.0.1", "-p", &port, "ping"]);
-    let err = text(&o.stderr);
-    assert_eq!(code(&o), EXIT_CONNECT, "{err}");
-    assert!(err.contains("TLS handshake"), "{err}");
+    port
 }
 
 #[test]
-fn a_server_that_never_answers_the_handshake_fails_with_exit_3() {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().unwrap().port().to_string();
-    thread::spawn(move || {
-        if let Ok((mut sock, _)) = listener.accept() {
-            // Holds the connection, silent, until notif gives up.
-            let _ = sock.set_read_timeout(Some(WAIT));
-            let _ = sock.read_to_end(&mut Vec::new());
-        }
-    });
+fn a_port_that_does_not_speak_tls_fails_with_exit_3() {
     let ca = Ca::new("ca");
-    let o = run(&["--tls", "--ca", &ca.arg("ca.pem"), "-H", "127.0.0.1", "-p", &port, "ping"]);
-    let err = text(&o.stderr);
-    assert_eq!(code(&o), EXIT_CONNECT, "{err}");
-    assert!(err.contains("TLS handshake: no answer in time"), "{err}");
+    for (first, says) in [
+        (&b"HELLO notifd 1\r\n"[..], "(not a TLS port?)"),
+        // The client's bound on the handshake, as on connecting: 10 s.
+        (b"", "TLS handshake: no answer in time"),
+    ] {
+        let port = not_tls(first);
+        let o = run(&["--tls", "--ca", &ca.arg("ca.pem"), "-H", "127.0.0.1", "-p", &port, "ping"]);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), EXIT_CONNECT, "{err}");
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 #[test]

@@ -386,6 +386,14 @@ impl Stream {
                 io::ErrorKind::UnexpectedEof => {
                     Failure::Connect(format!("{peer}: TLS handshake: connection closed (not a TLS port?)"))
                 }
+                // What a plain-text greeting looks like to TLS.
+                _ if matches!(
+                    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::InvalidMessage(_))
+                ) =>
+                {
+                    Failure::Connect(format!("{peer}: TLS handshake: {e} (not a TLS port?)"))
+                }
                 _ => Failure::Connect(format!("{peer}: TLS handshake: {e}")),
             })?;
         }
