@@ -51,7 +51,10 @@ impl fmt::Display for TlsError {
 impl std::error::Error for TlsError {}
 
 /// The server configuration for `cfg`, or `None` when `tls_cert_file` is not set (no
-/// TLS port). Reads the files now: call it at start-up and again on HUP.
+/// TLS port). Reads the files now: call it at start-up and again on HUP. Each
+/// [`ServerConnection`] holds its own `Arc` of the configuration it started with, so a
+/// reload's new certificate serves new connections while open ones go on; on an error
+/// the running configuration is simply kept.
 pub fn from_config(cfg: &Config) -> Result<Option<Arc<ServerConfig>>, TlsError> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) else {
         // Config::parse refuses one without the other.
