@@ -128,6 +128,17 @@ pub struct Config {
     pub publish_token_file: Option<PathBuf>,
     /// `sendmail_timeout`: seconds one sendmail run may take before it is killed.
     pub sendmail_timeout: u32,
+    /// TLS port, beside the plain one on the same `host`; 0 lets the kernel choose.
+    /// Used only when `tls_cert_file` is set.
+    pub tls_port: u16,
+    /// The server's PEM certificate chain, leaf first; `None`: no TLS port.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`; set exactly when it is.
+    pub tls_key_file: Option<PathBuf>,
+    /// A PEM CA whose client certificates make a TLS client trusted.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether the plain-text port is open; false needs `tls_cert_file`.
+    pub plain: bool,
 }
 
 impl Default for Config {
@@ -169,6 +180,11 @@ impl Default for Config {
             verbose: 0,
             publish_token_file: None,
             sendmail_timeout: 60,
+            tls_port: 7643,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            plain: true,
         }
     }
 }
@@ -342,6 +358,11 @@ impl Config {
             }
             "publish_token_file" => self.publish_token_file = opt_path(v)?,
             "sendmail_timeout" => self.sendmail_timeout = int(key, v, 1, 86_400)? as u32,
+            "tls_port" => self.tls_port = int(key, v, 0, 65535)? as u16,
+            "tls_cert_file" => self.tls_cert_file = opt_path(v)?,
+            "tls_key_file" => self.tls_key_file = opt_path(v)?,
+            "tls_client_ca_file" => self.tls_client_ca_file = opt_path(v)?,
+            "plain" => self.plain = boolean(key, v)?,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -387,6 +408,29 @@ impl Config {
                 ),
             ));
         }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(("tls_cert_file", "\"tls_cert_file\" needs \"tls_key_file\"".into()))
+            }
+            (None, Some(_)) => {
+                return Err(("tls_key_file", "\"tls_key_file\" needs \"tls_cert_file\"".into()))
+            }
+            _ => {}
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(("tls_client_ca_file", "\"tls_client_ca_file\" needs \"tls_cert_file\"".into()));
+        }
+        if self.plain && self.tls_cert_file.is_some() && self.tls_port == self.port && self.port != 0 {
+            // Their defaults differ, so whichever is not at its default is in the file.
+            let key = if self.tls_port == Config::default().tls_port { "port" } else { "tls_port" };
+            return Err((key, format!("\"tls_port\" must differ from \"port\" ({})", self.port)));
+        }
+        if !self.plain && self.tls_cert_file.is_none() {
+            return Err((
+                "plain",
+                "\"plain = false\" needs \"tls_cert_file\": there would be no port to listen on".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -427,6 +471,11 @@ const KEYS: &[&str] = &[
     "log_level",
     "publish_token_file",
     "sendmail_timeout",
+    "tls_port",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "plain",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -557,6 +606,13 @@ fn int(key: &str, v: &Value, min: i64, max: i64) -> Result<i64, String> {
         Value::Integer(i) if (min..=max).contains(i.value()) => Ok(*i.value()),
         Value::Integer(i) => Err(format!("\"{key}\" must be from {min} to {max}, not {}", i.value())),
         other => Err(format!("\"{key}\" must be an integer, not {}", other.type_name())),
+    }
+}
+
+fn boolean(key: &str, v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Boolean(b) => Ok(*b.value()),
+        other => Err(format!("\"{key}\" must be true or false, not {}", other.type_name())),
     }
 }
 
@@ -901,5 +957,69 @@ log_level = "debug"
         let far = parse("mail_transport = \"smtp\"\nsmtp_host = \"mx.example.org\"").unwrap().warnings();
         assert!(far.len() == 1 && far[0].contains("mail_from"), "{far:?}");
         assert!(parse("mail_transport = \"smtp\"").unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn tls_keys_set_their_values() {
+        let c = parse("").unwrap();
+        assert_eq!((c.tls_port, c.plain), (7643, true));
+        assert_eq!((c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file), (None, None, None));
+        let c = parse(
+            r#"
+tls_port = 0
+tls_cert_file = "tls/chain.pem"
+tls_key_file = "/etc/ssl/private/notifd.key"
+tls_client_ca_file = "clients.pem"
+plain = false
+"#,
+        )
+        .unwrap();
+        assert_eq!((c.tls_port, c.plain), (0, false));
+        assert_eq!(c.tls_cert_file.as_deref(), Some(Path::new("/etc/notifd/tls/chain.pem")));
+        assert_eq!(c.tls_key_file.as_deref(), Some(Path::new("/etc/ssl/private/notifd.key")));
+        assert_eq!(c.tls_client_ca_file.as_deref(), Some(Path::new("/etc/notifd/clients.pem")));
+        // Empty is unset, as for the other optional files.
+        let c = parse("tls_cert_file = \"\"\ntls_key_file = \"\"\n").unwrap();
+        assert_eq!((c.tls_cert_file, c.tls_key_file), (None, None));
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        assert_eq!(
+            error("port = 1\ntls_key_file = \"k.pem\"\n"),
+            "test.conf line 2: \"tls_key_file\" needs \"tls_cert_file\""
+        );
+        assert_eq!(
+            error("\n\ntls_cert_file = \"c.pem\"\n"),
+            "test.conf line 3: \"tls_cert_file\" needs \"tls_key_file\""
+        );
+        assert_eq!(
+            error("tls_client_ca_file = \"ca.pem\""),
+            "test.conf line 1: \"tls_client_ca_file\" needs \"tls_cert_file\""
+        );
+        assert_eq!(
+            error("port = 1\nplain = false\n"),
+            "test.conf line 2: \"plain = false\" needs \"tls_cert_file\": there would be no port to listen on"
+        );
+        assert!(parse("plain = false\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n").is_ok());
+        let both = "tls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n";
+        assert_eq!(
+            error(&format!("{both}port = 7643\n")),
+            "test.conf line 3: \"tls_port\" must differ from \"port\" (7643)"
+        );
+        assert_eq!(
+            error(&format!("{both}tls_port = 7600\n")),
+            "test.conf line 3: \"tls_port\" must differ from \"port\" (7600)"
+        );
+        // The same port is no clash when only one of them is open, or both are 0.
+        assert!(parse(&format!("{both}port = 7643\nplain = false\n")).is_ok());
+        assert!(parse(&format!("{both}port = 0\ntls_port = 0\n")).is_ok());
+        assert!(parse("port = 7643\n").is_ok());
+        assert_eq!(error("plain = \"no\""), "test.conf line 1: \"plain\" must be true or false, not string");
+        assert_eq!(
+            error("tls_port = 65536"),
+            "test.conf line 1: \"tls_port\" must be from 0 to 65535, not 65536"
+        );
+        assert!(error("tls_prot = 1").ends_with("(did you mean \"tls_port\"?)"));
     }
 }

@@ -30,4 +30,5 @@ pub mod protocol;
 pub mod reactor;
 pub mod spawn;
 pub mod store;
+pub mod tls;
 pub mod transport;

@@ -4,17 +4,28 @@
 //! notifd library crate), so it builds and behaves the same whatever the daemon's
 //! internals become. It speaks only what PROTOCOL.md promises: a greeting line, then
 //! replies in command order, with `MSG` lines possibly in between.
+//!
+//! With `--tls` the same lines go through rustls (the ring provider, as the daemon's),
+//! the server's certificate checked against its name and the system's roots or `--ca`.
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use std::env;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const DEFAULT_PORT: u16 = 7600;
+const DEFAULT_TLS_PORT: u16 = 7643;
+/// Offered, not required: a server without ALPN (a TLS proxy in front of notifd) is fine.
+const ALPN: &[u8] = b"notifd/1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longer than the server's default `store_timeout` (5 s), so that a slow commit ends in
 /// the server's `-ERR UNAVAILABLE` rather than in our own timeout.
@@ -29,7 +40,8 @@ const EXIT_SERVER_ERR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_CONNECT: u8 = 3;
 
-const USAGE: &str = "usage: notif [-h] [-H host] [-p port] [-a token] command [argument ...]
+const USAGE: &str = "usage: notif [-h] [-H host] [-p port] [-a token]
+             [--tls [--ca file] [--cert file --key file]] command [argument ...]
 commands:
   sub EMAIL EVENT...   subscribe EMAIL to each EVENT and print notifications as they arrive
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
@@ -63,8 +75,20 @@ struct Options {
     host: String,
     port: u16,
     token: Option<String>,
+    /// `Some` with `--tls`.
+    tls: Option<TlsOptions>,
     command: String,
     args: Vec<String>,
+}
+
+/// What `--tls`, `--ca`, `--cert` and `--key` asked for; the files are read later, once,
+/// by [`tls_config`].
+#[derive(Debug, Default, PartialEq)]
+struct TlsOptions {
+    /// The only CA trusted; `None`: the system's roots.
+    ca: Option<PathBuf>,
+    /// A client certificate chain and its key, presented when the server asks.
+    identity: Option<(PathBuf, PathBuf)>,
 }
 
 fn main() -> ExitCode {
@@ -102,10 +126,13 @@ fn parse_args(
 ) -> Result<Option<Options>, String> {
     use lexopt::Arg::{Long, Short, Value};
     let mut host = env("NOTIF_HOST").unwrap_or_else(|| "localhost".into());
+    // The default port depends on --tls, which may come after -p.
     let mut port = match env("NOTIF_PORT") {
-        Some(p) => parse_port(&p).map_err(|e| format!("NOTIF_PORT: {e}"))?,
-        None => DEFAULT_PORT,
+        Some(p) => Some(parse_port(&p).map_err(|e| format!("NOTIF_PORT: {e}"))?),
+        None => None,
     };
+    let mut tls = false;
+    let (mut ca, mut cert, mut key) = (None, None, None);
     let mut token = env("NOTIF_TOKEN").filter(|t| !t.is_empty());
     let mut parser = lexopt::Parser::from_args(argv);
     // As getopt(3): `-aTOKEN` takes TOKEN whole, even when it starts with `=`.
@@ -119,9 +146,20 @@ fn parse_args(
                 let value = utf8(value)?;
                 match flag {
                     'H' => host = value,
-                    'p' => port = parse_port(&value)?,
+                    'p' => port = Some(parse_port(&value)?),
                     _ => token = Some(value),
                 }
+            }
+            Long("tls") => tls = true,
+            Long(name @ ("ca" | "cert" | "key")) => {
+                let slot = match name {
+                    "ca" => &mut ca,
+                    "cert" => &mut cert,
+                    _ => &mut key,
+                };
+                let name = name.to_owned();
+                let value = parser.value().map_err(|_| format!("option --{name} needs a value"))?;
+                *slot = Some(PathBuf::from(utf8(value)?));
             }
             Short(other) => return Err(format!("unknown option -{other}")),
             Long(other) => return Err(format!("unknown option --{other}")),
@@ -162,7 +200,15 @@ fn parse_args(
     if host.is_empty() {
         return Err("empty host".into());
     }
-    Ok(Some(Options { host, port, token, command, args }))
+    let tls = match (tls, ca, cert, key) {
+        (false, None, None, None) => None,
+        (false, ..) => return Err("--ca, --cert and --key need --tls".into()),
+        (true, _, Some(_), None) => return Err("--cert needs --key".into()),
+        (true, _, None, Some(_)) => return Err("--key needs --cert".into()),
+        (true, ca, cert, key) => Some(TlsOptions { ca, identity: cert.zip(key) }),
+    };
+    let port = port.unwrap_or(if tls.is_some() { DEFAULT_TLS_PORT } else { DEFAULT_PORT });
+    Ok(Some(Options { host, port, token, tls, command, args }))
 }
 
 fn utf8(arg: OsString) -> Result<String, String> {
@@ -177,14 +223,17 @@ fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 fn try_main(opts: &Options) -> Result<(), Failure> {
+    // Read once: `sub`'s reconnections reuse it.
+    let tls = opts.tls.as_ref().map(tls_config).transpose()?;
+    let tls = tls.as_ref();
     match opts.command.as_str() {
-        "sub" => subscribe_forever(opts),
+        "sub" => subscribe_forever(opts, tls),
         "pub" => {
             let text = opts.args[1..].join(" ");
             if text.trim().is_empty() {
                 return Err(Failure::Usage("empty text".into()));
             }
-            let mut conn = Connection::open(opts)?;
+            let mut conn = Connection::open(opts, tls)?;
             conn.send(&format!("PUB {} {}", opts.args[0], text))?;
             let reply = conn.reply()?;
             // +OK PUB <id> <n>
@@ -194,7 +243,7 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
             Ok(())
         }
         "list" => {
-            let mut conn = Connection::open(opts)?;
+            let mut conn = Connection::open(opts, tls)?;
             conn.send(&format!("LIST {}", opts.args[0]))?;
             loop {
                 let line = conn.line()?;
@@ -214,7 +263,7 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
             Ok(())
         }
         "ping" => {
-            let mut conn = Connection::open(opts)?;
+            let mut conn = Connection::open(opts, tls)?;
             let cmd = if opts.args.is_empty() {
                 "PING".to_string()
             } else {
@@ -230,18 +279,179 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
     }
 }
 
+/// The client's TLS configuration: TLS 1.2 and 1.3, the roots of `--ca` or else the
+/// system's, and the client certificate of `--cert` and `--key`. A file that cannot be
+/// used is a usage error (exit 2), as a bad option value is.
+fn tls_config(tls: &TlsOptions) -> Result<Arc<ClientConfig>, Failure> {
+    let mut roots = RootCertStore::empty();
+    match &tls.ca {
+        Some(ca) => {
+            for cert in read_certs(ca, "--ca")? {
+                roots.add(cert).map_err(|e| file_error(ca, "--ca", &format!("not a CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            // SSL_CERT_FILE and SSL_CERT_DIR override the system's, as for OpenSSL.
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+                return Err(Failure::Usage(format!(
+                    "no trusted certificates found on this system{why}: give the server's CA with --ca"
+                )));
+            }
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Usage(format!("TLS: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = read_certs(cert, "--cert")?;
+            let pem = read_file(key, "--key")?;
+            let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+                rustls::pki_types::pem::Error::NoItemsFound => {
+                    file_error(key, "--key", "no PEM private key in it")
+                }
+                e => file_error(key, "--key", &format!("not a PEM file: {e}")),
+            })?;
+            builder.with_client_auth_cert(chain, der).map_err(|e| match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => file_error(
+                    key,
+                    "--key",
+                    &format!("does not match the certificate of --cert {}", cert.display()),
+                ),
+                e => {
+                    file_error(key, "--key", &format!("not a usable key for --cert {}: {e}", cert.display()))
+                }
+            })?
+        }
+    };
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Every certificate of the PEM file given to `option`; at least one.
+fn read_certs(path: &Path, option: &str) -> Result<Vec<CertificateDer<'static>>, Failure> {
+    let pem = read_file(path, option)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, option, &format!("not a PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(path, option, "no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn read_file(path: &Path, option: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| file_error(path, option, &format!("cannot read: {e}")))
+}
+
+fn file_error(path: &Path, option: &str, why: &str) -> Failure {
+    Failure::Usage(format!("{option} {}: {why}", path.display()))
+}
+
+/// The byte stream under the protocol: the socket itself, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    /// Connects, and with `tls` completes the handshake, checking the server's
+    /// certificate against `host`.
+    fn open(host: &str, port: u16, tls: Option<&Arc<ClientConfig>>) -> Result<(Stream, SocketAddr), Failure> {
+        let sock = connect(host, port)?;
+        let peer = sock.peer_addr().map_err(|e| Failure::Connect(e.to_string()))?;
+        let _ = sock.set_nodelay(true);
+        let Some(config) = tls else {
+            let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
+            return Ok((Stream::Plain(sock), peer));
+        };
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let name = ServerName::try_from(bare.to_owned())
+            .map_err(|_| Failure::Usage(format!("{host:?} cannot be checked against a certificate")))?;
+        let mut tls = ClientConnection::new(config.clone(), name)
+            .map_err(|e| Failure::Connect(format!("{peer}: TLS: {e}")))?;
+        let mut sock = sock;
+        // The handshake is part of connecting: bounded as connecting is, not as a reply.
+        let _ = sock.set_read_timeout(Some(CONNECT_TIMEOUT));
+        while tls.is_handshaking() {
+            tls.complete_io(&mut sock).map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    Failure::Connect(format!("{peer}: TLS handshake: no answer in time"))
+                }
+                io::ErrorKind::UnexpectedEof => {
+                    Failure::Connect(format!("{peer}: TLS handshake: connection closed (not a TLS port?)"))
+                }
+                // What a plain-text greeting looks like to TLS.
+                _ if matches!(
+                    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::InvalidMessage(_))
+                ) =>
+                {
+                    Failure::Connect(format!("{peer}: TLS handshake: {e} (not a TLS port?)"))
+                }
+                _ => Failure::Connect(format!("{peer}: TLS handshake: {e}")),
+            })?;
+        }
+        let _ = sock.set_read_timeout(Some(REPLY_TIMEOUT));
+        Ok((Stream::Tls(Box::new(StreamOwned::new(tls, sock))), peer))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// No more writes: TLS's close_notify first, then the socket's FIN.
+    fn shutdown_write(&mut self) {
+        if let Stream::Tls(s) = self {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let _ = self.tcp().shutdown(Shutdown::Write);
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// One connection to the server, past its greeting (and AUTH, when a token is given).
 struct Connection {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
     peer: SocketAddr,
 }
 
 impl Connection {
-    fn open(opts: &Options) -> Result<Connection, Failure> {
-        let stream = connect(&opts.host, opts.port)?;
-        let peer = stream.peer_addr().map_err(|e| Failure::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
+    fn open(opts: &Options, tls: Option<&Arc<ClientConfig>>) -> Result<Connection, Failure> {
+        let (stream, peer) = Stream::open(&opts.host, opts.port, tls)?;
         let mut conn = Connection { reader: BufReader::new(stream), peer };
         let greeting = conn.line()?;
         if is_err(&greeting) {
@@ -262,8 +472,16 @@ impl Connection {
         let mut buf = Vec::with_capacity(line.len() + 2);
         buf.extend_from_slice(line.as_bytes());
         buf.extend_from_slice(b"\r\n");
+        self.write(&buf)
+    }
+
+    /// Writes and flushes: a TLS stream holds bytes in its record layer until then.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Failure> {
         let peer = self.peer;
-        self.reader.get_mut().write_all(&buf).map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))
+        let out = self.reader.get_mut();
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))
     }
 
     /// The next line from the server, without its CRLF.
@@ -282,6 +500,10 @@ impl Connection {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
                 Err(Failure::Connect(format!("{peer}: no reply in time")))
+            }
+            // TLS's word for a close without close_notify.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(Failure::Connect(format!("{peer}: connection closed")))
             }
             Err(e) => Err(Failure::Connect(format!("{peer}: read: {e}"))),
         }
@@ -305,8 +527,8 @@ impl Connection {
     /// Polite goodbye; errors are of no interest any more.
     fn quit(mut self) {
         if self.send("QUIT").is_ok() {
-            let _ = self.reader.get_mut().shutdown(std::net::Shutdown::Write);
-            let _ = self.reader.get_mut().set_read_timeout(Some(Duration::from_secs(2)));
+            self.reader.get_mut().shutdown_write();
+            let _ = self.reader.get_ref().tcp().set_read_timeout(Some(Duration::from_secs(2)));
             while let Ok(line) = self.line() {
                 if line.starts_with("+OK QUIT") {
                     break;
@@ -348,10 +570,10 @@ fn print_line(s: &str) -> Result<(), Failure> {
 /// `sub`: subscribe, print every notification, and when the connection drops, come back
 /// with growing delays and subscribe again. Only the first connection's failures end
 /// the program; after that the subscriber keeps trying.
-fn subscribe_forever(opts: &Options) -> Result<(), Failure> {
+fn subscribe_forever(opts: &Options, tls: Option<&Arc<ClientConfig>>) -> Result<(), Failure> {
     let email = &opts.args[0];
     let events = &opts.args[1..];
-    let mut conn = Connection::open(opts)?;
+    let mut conn = Connection::open(opts, tls)?;
     subscribe(&mut conn, email, events, true)?;
     let mut delay = RECONNECT_FIRST;
     let mut seed = jitter_seed();
@@ -370,7 +592,7 @@ fn subscribe_forever(opts: &Options) -> Result<(), Failure> {
             eprintln!("notif: connection lost ({why}); reconnecting in {:.1}s", wait.as_secs_f64());
             thread::sleep(wait);
             delay = (delay * 2).min(RECONNECT_MAX);
-            let attempt = Connection::open(opts).and_then(|mut c| {
+            let attempt = Connection::open(opts, tls).and_then(|mut c| {
                 subscribe(&mut c, email, events, false)?;
                 Ok(c)
             });
@@ -407,11 +629,7 @@ fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool)
     for ev in events {
         batch.push_str(&format!("SUB {ev} {email}\r\n"));
     }
-    let peer = conn.peer;
-    conn.reader
-        .get_mut()
-        .write_all(batch.as_bytes())
-        .map_err(|e| Failure::Connect(format!("{peer}: write: {e}")))?;
+    conn.write(batch.as_bytes())?;
     let mut acked = 0;
     while acked < events.len() {
         let line = conn.line()?;
@@ -428,7 +646,7 @@ fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool)
         }
     }
     // Subscribers idle for hours: no read timeout, but TCP keepalive notices a dead peer.
-    let sock = conn.reader.get_ref();
+    let sock = conn.reader.get_ref().tcp();
     let _ = sock.set_read_timeout(None);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
@@ -533,6 +751,30 @@ mod tests {
         assert_eq!(parse_env(&["ping"], &[("NOTIF_TOKEN", "")]).unwrap().unwrap().token, None);
         let e = parse_env(&["ping"], &[("NOTIF_PORT", "x")]).err().unwrap();
         assert!(e.starts_with("NOTIF_PORT: "), "{e}");
+    }
+
+    #[test]
+    fn tls_options() {
+        let o = parse(&["--tls", "ping"]).unwrap();
+        assert_eq!((o.port, o.tls), (DEFAULT_TLS_PORT, Some(TlsOptions::default())));
+        assert_eq!(parse(&["-p", "7000", "--tls", "ping"]).unwrap().port, 7000);
+        assert_eq!(parse_env(&["--tls", "ping"], &[("NOTIF_PORT", "7700")]).unwrap().unwrap().port, 7700);
+        let o = parse(&["--tls", "--ca", "ca.pem", "--cert=me.pem", "--key", "me.key", "ping"]).unwrap();
+        let want =
+            TlsOptions { ca: Some("ca.pem".into()), identity: Some(("me.pem".into(), "me.key".into())) };
+        assert_eq!(o.tls, Some(want));
+        assert_eq!(parse(&["ping"]).unwrap().tls, None);
+        for (args, want) in [
+            (&["--ca", "ca.pem", "ping"][..], "--ca, --cert and --key need --tls"),
+            (&["--cert", "c", "--key", "k", "ping"], "--ca, --cert and --key need --tls"),
+            (&["--tls", "--cert", "c", "ping"], "--cert needs --key"),
+            (&["--tls", "--key", "k", "ping"], "--key needs --cert"),
+            (&["--tls", "--ca"], "option --ca needs a value"),
+            (&["--tls=yes", "ping"], "unexpected argument for option '--tls'"),
+        ] {
+            let got = parse(args).err();
+            assert!(got.as_deref().is_some_and(|e| e.contains(want)), "{args:?}: {got:?}");
+        }
     }
 
     #[test]
