@@ -85,17 +85,23 @@ run/notifd.conf: notifd.conf.example
 # why on stderr, which cargo hides for a passing test; each also appends its line
 # to $(SKIPPED), printed here after the run, pass or fail.
 SKIPPED = $(CARGO_TARGET_DIR)/tmp/skipped.txt
+# cargo test's output, for the closing count.
+TESTLOG = $(CARGO_TARGET_DIR)/tmp/test.log
 
 test: lint-man
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	@rm -f $(SKIPPED)
-	@$(CARGO) test; st=$$?; \
+	@rm -f $(SKIPPED) $(TESTLOG); mkdir -p $(CARGO_TARGET_DIR)/tmp
+	@{ $(CARGO) test 2>&1; echo $$? > $(TESTLOG).status; } | tee $(TESTLOG); \
+	st=$$(cat $(TESTLOG).status); \
 	if [ -s $(SKIPPED) ]; then \
-		echo "skipped tests ($$(wc -l < $(SKIPPED))):"; sed 's/^/  /' $(SKIPPED); \
+		skipped=$$(wc -l < $(SKIPPED)); \
+		echo "skipped tests ($$skipped):"; sed 's/^/  /' $(SKIPPED); \
 	else \
-		echo "skipped tests: none"; \
+		skipped=0; echo "skipped tests: none"; \
 	fi; \
+	awk -v s=$$skipped '/^test result:/ { p += $$4; f += $$6 } \
+		END { printf "total: %d passed, %d failed, %d skipped\n", p - s, f, s }' $(TESTLOG); \
 	exit $$st
 
 # Any mandoc message at level "warning" or above fails the build. Style
