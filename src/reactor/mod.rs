@@ -258,7 +258,7 @@ impl Reactor {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        consider(self.store.deadlines.front().map(|d| d.0));
+        consider(self.store.next_expiry(self.store_timeout()));
         consider(self.acceptor.paused_until);
         consider(self.mail.next_due);
         consider(self.store.deferred.iter().map(|d| d.0).min());
