@@ -2,6 +2,7 @@
 //! flushing once per turn, closing and reaping at the end of the turn.
 
 use super::conn::{Conn, State};
+use super::subs::{LiveAddrs, Subs};
 use super::{Reactor, Source, FAN_KEEP};
 use crate::protocol::{self, Code, Framed};
 use indexmap::IndexSet;
@@ -43,6 +44,8 @@ pub(super) struct Clients {
     per_ip: HashMap<IpKey, u32>,
     /// The connections with a live subscription to each event.
     pub(super) index: HashMap<Rc<str>, IndexSet<usize>>,
+    /// The live addresses of each event, while `mail_policy` is offline.
+    pub(super) live: Option<LiveAddrs>,
     /// Connections to write at the end of the turn.
     pub(super) dirty: Vec<usize>,
     /// Connections to read again (budget ran out, or a pause was lifted).
@@ -64,6 +67,7 @@ impl Clients {
             next_id: 1,
             per_ip: HashMap::new(),
             index: HashMap::new(),
+            live: None,
             dirty: Vec::new(),
             resume: Vec::new(),
             waiting_store: Vec::new(),
@@ -89,6 +93,35 @@ impl Clients {
                 self.closing.push(key);
             }
         }
+    }
+
+    /// Takes a closing connection's pairs out of the indexes.
+    fn forget_pairs(&mut self, key: usize, subs: &Subs) {
+        if let Some(live) = &mut self.live {
+            live.remove_all(subs);
+        }
+        let events: HashSet<&Rc<str>> = subs.iter().map(|(e, _)| e).collect();
+        for e in events {
+            self.unindex(key, e);
+        }
+    }
+
+    /// The addresses live on `event`, for `mail_policy = "offline"`; the index is built
+    /// here if a reload just turned that policy on. A connection closing this turn gets
+    /// no more MSG, so its pairs are taken out first: it makes no address live.
+    pub(super) fn live_addresses(&mut self, event: &str) -> Vec<String> {
+        let closing = std::mem::take(&mut self.closing);
+        for &key in &closing {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            if c.subs.len() > 0 {
+                let subs = std::mem::take(&mut c.subs);
+                self.forget_pairs(key, &subs);
+            }
+        }
+        self.closing = closing;
+        let conns = &self.conns;
+        let live = self.live.get_or_insert_with(|| LiveAddrs::of(conns.iter().map(|(_, c)| &c.subs)));
+        live.addresses(event).map(str::to_string).collect()
     }
 
     /// Takes the connection out of the index of `event`.
@@ -405,10 +438,7 @@ impl Reactor {
             }
             let mut c = self.clients.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.sock);
-            let events: HashSet<Rc<str>> = c.subs.iter().map(|(e, _)| Rc::clone(e)).collect();
-            for e in events {
-                self.clients.unindex(key, &e);
-            }
+            self.clients.forget_pairs(key, &c.subs);
             let k = ip_key(c.peer.ip());
             if let Some(n) = self.clients.per_ip.get_mut(&k) {
                 *n -= 1;

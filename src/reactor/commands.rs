@@ -66,6 +66,9 @@ impl Reactor {
             };
             let c = &mut self.clients.conns[key];
             c.subs.insert(Rc::clone(&ev), email.into());
+            if let Some(live) = &mut self.clients.live {
+                live.add(&ev, email);
+            }
             self.clients.index.entry(ev).or_default().insert(key);
         }
         let now = crate::ipc::unix_now();
@@ -78,8 +81,13 @@ impl Reactor {
 
     fn unsub(&mut self, key: usize, event: &str, email: &str) {
         let c = &mut self.clients.conns[key];
-        if c.subs.remove(event, email) && !c.subs.has_event(event) {
-            self.clients.unindex(key, event);
+        if c.subs.remove(event, email) {
+            if let Some(live) = &mut self.clients.live {
+                live.remove(event, email);
+            }
+            if !c.subs.has_event(event) {
+                self.clients.unindex(key, event);
+            }
         }
         self.store_request(
             key,
@@ -110,18 +118,13 @@ impl Reactor {
         protocol::msg(&mut self.fan, event, id, text);
         let b = self.fan.len();
         let shareable = b <= u32::MAX as usize;
-        let offline =
-            self.cfg.mail_policy == MailPolicy::Offline && self.cfg.mail_transport != Transport::None;
-        let mut live: Vec<String> = Vec::new();
+        let mail = self.mail_plan(event);
         let mut n = 0u64;
         if let Some(set) = self.clients.index.get(event) {
             for &k in set {
                 let c = &mut self.clients.conns[k];
                 if c.state == State::Closing {
                     continue;
-                }
-                if offline {
-                    live.extend(c.subs.iter().filter(|(e, _)| &**e == event).map(|(_, m)| m.to_string()));
                 }
                 let (sa, sb) = c.shared;
                 if shareable && c.out.is_empty() && (sa == sb || sb as usize == a) {
@@ -149,12 +152,37 @@ impl Reactor {
                 }
             }
         }
-        let mail = match (self.cfg.mail_transport, self.cfg.mail_policy) {
-            (Transport::None, _) | (_, MailPolicy::None) => MailPlan::Nobody,
-            (_, MailPolicy::All) => MailPlan::All,
-            (_, MailPolicy::Offline) => {
-                live.sort_unstable();
-                live.dedup();
+        let now = crate::ipc::unix_now();
+        self.store_request(
+            key,
+            |req| ToStore::Publish { req, id, event: event.into(), text: text.into(), now, mail },
+            n,
+        );
+    }
+
+    /// The mail policy in force: `none` whatever it says when mail is off.
+    pub(super) fn mail_policy(&self) -> MailPolicy {
+        match self.cfg.mail_transport {
+            Transport::None => MailPolicy::None,
+            _ => self.cfg.mail_policy,
+        }
+    }
+
+    /// Who is emailed about a publication to `event`. Under the offline policy, the
+    /// addresses live on the event at this moment (before this PUB's MSG closes any slow
+    /// consumer) are left out.
+    fn mail_plan(&mut self, event: &str) -> MailPlan {
+        let policy = self.mail_policy();
+        if policy != MailPolicy::Offline {
+            // Not read until a reload makes the policy offline again: not kept up to date
+            // meanwhile (built again by the first offline PUB after that reload).
+            self.clients.live = None;
+        }
+        match policy {
+            MailPolicy::None => MailPlan::Nobody,
+            MailPolicy::All => MailPlan::All,
+            MailPolicy::Offline => {
+                let live = self.clients.live_addresses(event);
                 if live.is_empty() {
                     MailPlan::All
                 } else if live.iter().map(|m| m.len() + 2).sum::<usize>() > crate::ipc::BATCH_BYTES {
@@ -166,13 +194,7 @@ impl Reactor {
                     MailPlan::AllExcept(live)
                 }
             }
-        };
-        let now = crate::ipc::unix_now();
-        self.store_request(
-            key,
-            |req| ToStore::Publish { req, id, event: event.into(), text: text.into(), now, mail },
-            n,
-        );
+        }
     }
 
     fn auth_text(&self) -> &'static str {

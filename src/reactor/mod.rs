@@ -23,7 +23,7 @@ mod store_link;
 mod subs;
 mod supervise;
 
-use crate::config::{Config, Transport};
+use crate::config::{Config, MailPolicy, Transport};
 use crate::ipc::MailSettings;
 use client_io::{Acceptor, Clients};
 use mail_router::{MailRouter, MailerLink};
@@ -153,6 +153,10 @@ impl Reactor {
             fatal: None,
             cfg,
         };
+        if r.mail_policy() == MailPolicy::Offline {
+            // Kept from the first SUB on, so that no PUB has to build it from every pair.
+            r.clients.live = Some(Default::default());
+        }
         for id in r.child_ids() {
             r.start_child(id)?;
         }
@@ -258,7 +262,7 @@ impl Reactor {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        consider(self.store.deadlines.front().map(|d| d.0));
+        consider(self.store.next_expiry(self.store_timeout()));
         consider(self.acceptor.paused_until);
         consider(self.mail.next_due);
         consider(self.store.deferred.iter().map(|d| d.0).min());

@@ -46,8 +46,13 @@ pub(super) struct StoreLink {
     pub(super) child: Child,
     /// Requests in flight, by request number: replayed in this order after a restart.
     pub(super) pending: BTreeMap<u64, Request>,
-    /// When each client request in flight times out, oldest first.
-    pub(super) deadlines: VecDeque<(Instant, u64)>,
+    /// Client requests in flight, by the time each was sent, oldest first (answered
+    /// ones stay until they would have timed out, and are skipped then). Each times out
+    /// `store_timeout` after it was sent, with `store_timeout` as it is now: keyed by
+    /// send time rather than by deadline, the queue stays in order whatever a reload
+    /// does to the timeout, and a lowered timeout applies at once to the requests
+    /// already waiting, not only to new ones.
+    pub(super) sent: VecDeque<(Instant, u64)>,
     next_req: u64,
     /// Notification ids the store reserved durably.
     pub(super) ids: IdBlocks,
@@ -62,7 +67,7 @@ impl StoreLink {
         StoreLink {
             child: Child::new("notifd-store".into(), Source::StoreRead.token(), Source::StoreWrite.token()),
             pending: BTreeMap::new(),
-            deadlines: VecDeque::new(),
+            sent: VecDeque::new(),
             next_req: 1,
             ids: IdBlocks::default(),
             deferred: Vec::new(),
@@ -73,6 +78,11 @@ impl StoreLink {
     /// Some notification id can be handed out now.
     pub(super) fn has_ids(&self) -> bool {
         self.ids.has()
+    }
+
+    /// When the oldest client request in flight times out, given the timeout now.
+    pub(super) fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
+        self.sent.front().map(|&(sent, _)| sent + timeout)
     }
 
     /// Too much is waiting on the store to take more commands that need it.
@@ -139,8 +149,7 @@ impl Reactor {
         let record = make(req);
         self.store.child.send(&record);
         if matches!(target, Target::Reply { .. }) {
-            let deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
-            self.store.deadlines.push_back((deadline, req));
+            self.store.sent.push_back((Instant::now(), req));
         }
         self.store.pending.insert(req, Request { record, target, deaths: 0 });
     }
@@ -311,11 +320,12 @@ impl Reactor {
 
     /// Answers `-ERR UNAVAILABLE` for client requests the store did not confirm in time.
     pub(super) fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, req)) = self.store.deadlines.front() {
-            if deadline > now {
+        let timeout = self.store_timeout();
+        while let Some(&(sent, req)) = self.store.sent.front() {
+            if sent + timeout > now {
                 break;
             }
-            self.store.deadlines.pop_front();
+            self.store.sent.pop_front();
             let Some(r) = self.store.pending.get_mut(&req) else { continue };
             let target = std::mem::replace(&mut r.target, Target::Orphan);
             self.fail_reply(
@@ -323,6 +333,11 @@ impl Reactor {
                 "the database did not confirm in time; it may or may not have taken effect",
             );
         }
+    }
+
+    /// How long a client request may wait for the store.
+    pub(super) fn store_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.store_timeout.into())
     }
 
     /// Answers a client's request with `-ERR UNAVAILABLE <text>`, dropping any part of

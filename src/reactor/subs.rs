@@ -1,4 +1,5 @@
-//! A connection's live subscriptions: (event, email) pairs.
+//! A connection's live subscriptions: (event, email) pairs; and, across connections,
+//! the live addresses of each event.
 //!
 //! Most connections hold one or a few pairs, and an idle connection should cost little,
 //! so a short list is a plain vector. A connection may hold up to `max_subs_per_conn`
@@ -136,6 +137,85 @@ impl Subs {
     }
 }
 
+/// Per event, the addresses that connections hold live, each with how many connections
+/// hold it: what `mail_policy = "offline"` leaves out of a publication's emails. A PUB
+/// reads its own event's entry, so its cost follows that event's live addresses, not
+/// every pair of every connection subscribed to it.
+///
+/// It holds exactly the pairs in the connections' [`Subs`]; a closing connection's pairs
+/// are taken out before the next PUB reads it (see `Clients::live_addresses`). The
+/// reactor keeps it only while the policy is offline: it costs a copy of each live
+/// address, which the other policies have no use for.
+#[derive(Default)]
+pub struct LiveAddrs {
+    events: HashMap<Rc<str>, HashMap<Box<str>, Holders>>,
+}
+
+/// The connections that hold one (event, address) pair live.
+#[derive(Default)]
+struct Holders {
+    /// How many.
+    // Issue 10 makes the offline policy count only *trusted* connections, so that a
+    // stranger cannot silence someone's email by subscribing their address: this then
+    // splits into trusted and untrusted counts (an address is live while `trusted > 0`),
+    // and a connection whose trust changes (AUTH, a reload that rotates the token) moves
+    // its pairs from one count to the other.
+    conns: u32,
+}
+
+impl LiveAddrs {
+    /// The index of these connections' pairs.
+    pub fn of<'a>(conns: impl Iterator<Item = &'a Subs>) -> LiveAddrs {
+        let mut live = LiveAddrs::default();
+        for subs in conns {
+            live.add_all(subs);
+        }
+        live
+    }
+
+    /// One more connection holds the pair.
+    pub fn add(&mut self, event: &Rc<str>, email: &str) {
+        let addrs = self.events.entry(Rc::clone(event)).or_default();
+        if let Some(h) = addrs.get_mut(email) {
+            h.conns += 1;
+        } else {
+            addrs.insert(email.into(), Holders { conns: 1 });
+        }
+    }
+
+    /// One connection fewer holds the pair.
+    pub fn remove(&mut self, event: &str, email: &str) {
+        let Some(addrs) = self.events.get_mut(event) else { return };
+        let Some(h) = addrs.get_mut(email) else { return };
+        h.conns -= 1;
+        if h.conns == 0 {
+            addrs.remove(email);
+            if addrs.is_empty() {
+                self.events.remove(event);
+            }
+        }
+    }
+
+    /// A connection's pairs, all at once.
+    pub fn add_all(&mut self, subs: &Subs) {
+        for (e, m) in subs.iter() {
+            self.add(e, m);
+        }
+    }
+
+    /// A connection's pairs leave.
+    pub fn remove_all(&mut self, subs: &Subs) {
+        for (e, m) in subs.iter() {
+            self.remove(e, m);
+        }
+    }
+
+    /// The addresses live on `event`, each once, in no particular order.
+    pub fn addresses(&self, event: &str) -> impl Iterator<Item = &str> {
+        self.events.get(event).into_iter().flat_map(|addrs| addrs.keys().map(|m| &**m))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +292,69 @@ mod tests {
         }
         assert!(emptied > 0, "the short form was never emptied");
         assert!(matches!(short, Subs::Many(_)), "the short form never switched to hashing");
+    }
+
+    /// The live addresses of `event` by a scan of every connection's pairs, as the
+    /// offline policy once found them on each PUB.
+    fn scan(conns: &[Subs], event: &str) -> BTreeSet<String> {
+        conns
+            .iter()
+            .flat_map(|s| s.iter())
+            .filter(|(e, _)| &**e == event)
+            .map(|(_, m)| m.to_string())
+            .collect()
+    }
+
+    /// Connections take and drop pairs (several holding the same address, one holding
+    /// many); the index kept up to date, and one built afresh, always agree with a scan.
+    #[test]
+    fn live_addresses_agree_with_a_scan_of_every_connection() {
+        let events = ["e", "o", "x"];
+        let mut conns: Vec<Subs> = (0..5).map(|_| Subs::default()).collect();
+        let mut live = LiveAddrs::default();
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        for step in 0..6000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let c = (rng >> 4) as usize % conns.len();
+            let e = events[(rng >> 12) as usize % events.len()];
+            // Connection 0 gets many addresses (the hashed form); the rest share four.
+            let m = format!("a{}@x", (rng >> 20) as usize % if c == 0 { 40 } else { 4 });
+            match rng % 7 {
+                0 if step % 50 == 0 => {
+                    // The connection closes: every pair leaves at once.
+                    live.remove_all(&conns[c]);
+                    conns[c] = Subs::default();
+                }
+                0..=3 if !conns[c].contains(e, &m) => {
+                    let ev: Rc<str> = Rc::from(e);
+                    conns[c].insert(Rc::clone(&ev), m.as_str().into());
+                    live.add(&ev, &m);
+                }
+                _ => {
+                    if conns[c].remove(e, &m) {
+                        live.remove(e, &m);
+                    }
+                }
+            }
+            let fresh = LiveAddrs::of(conns.iter());
+            for e in events {
+                let want = scan(&conns, e);
+                let got: Vec<&str> = live.addresses(e).collect();
+                assert_eq!(got.len(), want.len(), "step {step}: an address twice on {e}");
+                assert_eq!(got.into_iter().map(str::to_string).collect::<BTreeSet<_>>(), want, "step {step}");
+                assert_eq!(
+                    fresh.addresses(e).map(str::to_string).collect::<BTreeSet<_>>(),
+                    want,
+                    "step {step}"
+                );
+            }
+        }
+        for c in &conns {
+            live.remove_all(c);
+        }
+        assert!(live.events.is_empty(), "every pair gone, nothing left behind");
     }
 
     #[test]

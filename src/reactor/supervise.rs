@@ -186,6 +186,7 @@ impl Reactor {
             let Some(r) = self.store.pending.get(&req) else { continue };
             if r.deaths < 2 {
                 self.store.child.send(&r.record);
+                self.restart_list(req);
                 continue;
             }
             let Some(r) = self.store.pending.remove(&req) else { continue };
@@ -198,6 +199,19 @@ impl Reactor {
                 }
                 Target::TakeMail => self.mail.asking = false,
                 Target::Reply { .. } | Target::Orphan | Target::MailDone => {}
+            }
+        }
+    }
+
+    /// A LIST the lost store answered in part starts over: the new store sends every
+    /// row again, so the rows gathered so far and their count are dropped.
+    fn restart_list(&mut self, req: u64) {
+        let Some(r) = self.store.pending.get_mut(&req) else { return };
+        let Target::Reply { listed, .. } = &mut r.target else { return };
+        *listed = 0;
+        if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
+            if let Some(slot) = self.clients.conns[key].slot(seq) {
+                slot.data = Vec::new();
             }
         }
     }
