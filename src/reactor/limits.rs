@@ -15,8 +15,8 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Keys of the sweep's batch: connections looked at per loop turn, so that 10,000
-/// connections never make one turn long.
+/// Slab keys the sweep looks at per loop turn, so that 10,000 connections never make
+/// one turn long.
 const SWEEP_BATCH: usize = 1024;
 
 /// A connection dropped with `-ERR BUSY` gets this many seconds to take its last line
