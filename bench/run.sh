@@ -116,6 +116,7 @@ start_server() {
 			echo "log = \"$dir/notifd.log\""
 			echo "max_clients = $((CONNS + 2000))"
 			echo "max_clients_per_ip = $((CONNS + 2000))"
+			echo "max_clients_per_net = $((CONNS + 2000))"
 			if [ "$mode" = durable ]; then
 				echo "sync = \"full\""
 				echo "max_subs_per_conn = 1000000"

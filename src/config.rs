@@ -139,6 +139,17 @@ pub struct Config {
     pub tls_client_ca_file: Option<PathBuf>,
     /// Whether the plain-text port is open; false needs `tls_cert_file`.
     pub plain: bool,
+    /// `idle_timeout`: seconds without a command after which a connection that holds no
+    /// live subscription is closed; 0: never.
+    pub idle_timeout: u32,
+    /// `max_clients_per_net`: connections from one network (IPv4 /24, IPv6 /48) at once.
+    pub max_clients_per_net: u32,
+    /// `max_pending_total`: unsent bytes of all connections together before the largest
+    /// are dropped as slow consumers.
+    pub max_pending_total: usize,
+    /// `auth_fail_limit`: failed AUTHs per client address (IPv6 /64) per minute before
+    /// further ones are refused unchecked.
+    pub auth_fail_limit: u32,
 }
 
 impl Default for Config {
@@ -185,6 +196,10 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             plain: true,
+            idle_timeout: 300,
+            max_clients_per_net: 1024,
+            max_pending_total: 256 << 20,
+            auth_fail_limit: 10,
         }
     }
 }
@@ -363,6 +378,10 @@ impl Config {
             "tls_key_file" => self.tls_key_file = opt_path(v)?,
             "tls_client_ca_file" => self.tls_client_ca_file = opt_path(v)?,
             "plain" => self.plain = boolean(key, v)?,
+            "idle_timeout" => self.idle_timeout = int(key, v, 0, 86_400)? as u32,
+            "max_clients_per_net" => self.max_clients_per_net = int(key, v, 1, 10_000_000)? as u32,
+            "max_pending_total" => self.max_pending_total = int(key, v, 1024, 1 << 40)? as usize,
+            "auth_fail_limit" => self.auth_fail_limit = int(key, v, 1, 1_000_000)? as u32,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -476,6 +495,10 @@ const KEYS: &[&str] = &[
     "tls_key_file",
     "tls_client_ca_file",
     "plain",
+    "idle_timeout",
+    "max_clients_per_net",
+    "max_pending_total",
+    "auth_fail_limit",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -927,6 +950,23 @@ log_level = "debug"
             assert!(parse(&format!("smtp_host = {host:?}\nsmtp_user = \"u\"")).is_ok(), "{host}");
         }
         assert!(parse("smtp_host = \"mx.example.org\"\nsmtp_user = \"u\"\nsmtp_tls = \"tls\"").is_ok());
+    }
+
+    #[test]
+    fn connection_limit_keys() {
+        let d = Config::default();
+        assert_eq!((d.idle_timeout, d.max_clients_per_net), (300, 1024));
+        assert_eq!((d.max_pending_total, d.auth_fail_limit), (268_435_456, 10));
+        let c = parse(
+            "idle_timeout = 0\nmax_clients_per_net = 3\nmax_pending_total = 8192\nauth_fail_limit = 2\n",
+        )
+        .unwrap();
+        assert_eq!((c.idle_timeout, c.max_clients_per_net), (0, 3));
+        assert_eq!((c.max_pending_total, c.auth_fail_limit), (8192, 2));
+        assert!(error("idle_timeout = -1").contains("\"idle_timeout\" must be from 0 to 86400"));
+        assert!(error("max_clients_per_net = 0").contains("\"max_clients_per_net\" must be from 1"));
+        assert!(error("max_pending_total = 100").contains("\"max_pending_total\" must be from 1024"));
+        assert!(error("auth_fail_limit = 0").contains("\"auth_fail_limit\" must be from 1"));
     }
 
     #[test]

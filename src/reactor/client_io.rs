@@ -2,6 +2,7 @@
 //! flushing once per turn, closing and reaping at the end of the turn.
 
 use super::conn::{Conn, State};
+use super::limits::{addr_key, net_key, AddrKey, NetKey, Sweep};
 use super::subs::{LiveAddrs, Subs};
 use super::{Reactor, Source, FAN_KEEP};
 use crate::protocol::{self, Code, Framed};
@@ -11,7 +12,7 @@ use mio::Interest;
 use slab::Slab;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,16 @@ pub(super) struct Clients {
     /// The id of the next connection (see `Conn::id`).
     next_id: u64,
     /// Connections per address (per /64 for IPv6), for `max_clients_per_ip`.
-    per_ip: HashMap<IpKey, u32>,
+    per_ip: HashMap<AddrKey, u32>,
+    /// Connections per network (IPv4 /24, IPv6 /48), for `max_clients_per_net`.
+    per_net: HashMap<NetKey, u32>,
+    /// Unsent bytes of all connections together (the sum of their `Conn::counted`), for
+    /// `max_pending_total`; brought up to date as each connection is written.
+    pub(super) pending_total: usize,
+    /// No connection has a slab key this high: the sweep looks at keys below it.
+    pub(super) key_limit: usize,
+    /// The coarse clock, idle connections and failed-AUTH windows.
+    pub(super) sweep: Sweep,
     /// The connections with a live subscription to each event.
     pub(super) index: HashMap<Rc<str>, IndexSet<usize>>,
     /// The live addresses of each event, while `mail_policy` is offline.
@@ -66,6 +76,10 @@ impl Clients {
             conns: Slab::with_capacity(max_clients),
             next_id: 1,
             per_ip: HashMap::new(),
+            per_net: HashMap::new(),
+            pending_total: 0,
+            key_limit: 0,
+            sweep: Sweep::new(),
             index: HashMap::new(),
             live: None,
             dirty: Vec::new(),
@@ -96,7 +110,7 @@ impl Clients {
     }
 
     /// Takes a closing connection's pairs out of the indexes.
-    fn forget_pairs(&mut self, key: usize, subs: &Subs) {
+    pub(super) fn forget_pairs(&mut self, key: usize, subs: &Subs) {
         if let Some(live) = &mut self.live {
             live.remove_all(subs);
         }
@@ -122,6 +136,14 @@ impl Clients {
         let conns = &self.conns;
         let live = self.live.get_or_insert_with(|| LiveAddrs::of(conns.iter().map(|(_, c)| &c.subs)));
         live.addresses(event).map(str::to_string).collect()
+    }
+
+    /// Brings the connection's share of `pending_total` up to date: O(1).
+    pub(super) fn recount(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        let unsent = c.unsent();
+        self.pending_total = self.pending_total - c.counted + unsent;
+        c.counted = unsent;
     }
 
     /// Takes the connection out of the index of `event`.
@@ -176,12 +198,16 @@ impl Reactor {
             },
             v4 => v4,
         };
-        let key = ip_key(peer.ip());
+        let key = addr_key(peer.ip());
+        let net = net_key(peer.ip());
         let from_ip = self.clients.per_ip.get(&key).copied().unwrap_or(0);
+        let from_net = self.clients.per_net.get(&net).copied().unwrap_or(0);
         let busy = if self.clients.conns.len() >= self.cfg.max_clients as usize {
             Some("too many connections")
         } else if from_ip >= self.cfg.max_clients_per_ip {
             Some("too many connections from your address")
+        } else if from_net >= self.cfg.max_clients_per_net {
+            Some("too many connections from your network")
         } else {
             None
         };
@@ -209,12 +235,14 @@ impl Reactor {
             log::warn!("{peer}: register: {e}");
             return;
         }
-        let mut c = Conn::new(self.clients.next_id, sock, peer);
+        let mut c = Conn::new(self.clients.next_id, sock, peer, self.clients.sweep.tick);
         self.clients.next_id += 1;
         protocol::greeting(&mut c.out, self.cfg.max_line);
         c.dirty = true;
         entry.insert(c);
         *self.clients.per_ip.entry(key).or_insert(0) += 1;
+        *self.clients.per_net.entry(net).or_insert(0) += 1;
+        self.clients.key_limit = self.clients.key_limit.max(k + 1);
         self.clients.dirty.push(k);
         log::debug!("{peer}: connected");
     }
@@ -342,6 +370,9 @@ impl Reactor {
             if used == 0 {
                 return at;
             }
+            if item.is_some() {
+                c.last_cmd = self.clients.sweep.tick;
+            }
             match item {
                 None => {}
                 Some(Framed::TooLong) => {
@@ -405,7 +436,10 @@ impl Reactor {
             if c.state == State::Closing {
                 continue;
             }
-            if let Err(e) = c.flush(&self.fan) {
+            let written = c.flush(&self.fan);
+            self.clients.recount(key);
+            let c = &mut self.clients.conns[key];
+            if let Err(e) = written {
                 log::debug!("{}: write: {e}", c.peer);
                 c.state = State::Closing;
                 self.clients.closing.push(key);
@@ -422,6 +456,8 @@ impl Reactor {
             }
         }
         self.clients.dirty.clear();
+        // After the writes: what the sockets took at once does not count.
+        self.enforce_total();
         // Every connection that shared the buffer was dirty, so it is written or closed.
         self.fan.clear();
         if self.fan.capacity() > FAN_KEEP {
@@ -439,32 +475,23 @@ impl Reactor {
             let mut c = self.clients.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.sock);
             self.clients.forget_pairs(key, &c.subs);
-            let k = ip_key(c.peer.ip());
-            if let Some(n) = self.clients.per_ip.get_mut(&k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.clients.per_ip.remove(&k);
-                }
+            self.clients.pending_total -= c.counted;
+            if c.lingering {
+                self.clients.sweep.lingering -= 1;
             }
+            uncount(&mut self.clients.per_ip, addr_key(c.peer.ip()));
+            uncount(&mut self.clients.per_net, net_key(c.peer.ip()));
             log::debug!("{}: closed", c.peer);
         }
     }
 }
 
-/// What `max_clients_per_ip` counts by.
-#[derive(Hash, PartialEq, Eq, Clone, Copy)]
-enum IpKey {
-    V4(u32),
-    /// The /64 of an IPv6 address: one host usually holds a whole /64.
-    V6(u64),
-}
-
-fn ip_key(ip: IpAddr) -> IpKey {
-    match ip {
-        IpAddr::V4(a) => IpKey::V4(a.into()),
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => IpKey::V4(v4.into()),
-            None => IpKey::V6((u128::from(a) >> 64) as u64),
-        },
+/// One connection fewer under `key`; a key with none left is forgotten.
+fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! `PUB`, `LIST`). `PUB` also fans its `MSG` out to the live subscribers at once.
 
 use super::conn::{Conn, State};
+use super::limits::addr_key;
 use super::Reactor;
 use crate::config::{MailPolicy, Transport};
 use crate::ipc::{MailPlan, ToStore};
@@ -120,6 +121,7 @@ impl Reactor {
         let shareable = b <= u32::MAX as usize;
         let mail = self.mail_plan(event);
         let mut n = 0u64;
+        let mut slow = Vec::new();
         if let Some(set) = self.clients.index.get(event) {
             for &k in set {
                 let c = &mut self.clients.conns[k];
@@ -144,13 +146,15 @@ impl Reactor {
                         c.peer,
                         self.cfg.max_pending
                     );
-                    c.state = State::Closing;
-                    self.clients.closing.push(k);
+                    slow.push(k);
                 } else if !c.dirty {
                     c.dirty = true;
                     self.clients.dirty.push(k);
                 }
             }
+        }
+        for k in slow {
+            self.drop_conn(k, "slow consumer");
         }
         let now = crate::ipc::unix_now();
         self.store_request(
@@ -205,8 +209,26 @@ impl Reactor {
         }
     }
 
+    /// Checks the token, unless the client's address is past `auth_fail_limit` failures
+    /// in its minute: then the AUTH is refused unchecked, and not logged, until the
+    /// minute has passed; hitting the limit is logged once per address and minute.
     fn auth(&mut self, key: usize, token: &str) {
-        let good = !self.cfg.publish_token.is_empty() && constant_time_eq(token, &self.cfg.publish_token);
+        let addr = addr_key(self.clients.conns[key].peer.ip());
+        let now = self.clients.sweep.tick;
+        let limit = self.cfg.auth_fail_limit;
+        let fails = &mut self.clients.sweep.auth_fails;
+        let refused = fails.over(&addr, now, limit);
+        let good = !refused
+            && !self.cfg.publish_token.is_empty()
+            && constant_time_eq(token, &self.cfg.publish_token);
+        if !good && !refused && fails.hit(addr, now) == limit {
+            log::warn!(
+                "{}: {limit} failed AUTHs from this address within a minute; refusing its AUTHs \
+                 unchecked for {} s",
+                self.clients.conns[key].peer,
+                fails.left(&addr, now)
+            );
+        }
         let c = &mut self.clients.conns[key];
         if good {
             c.auth_gen = self.token_gen;
@@ -215,10 +237,17 @@ impl Reactor {
         } else {
             c.auth_failures += 1;
             if c.auth_failures >= MAX_AUTH_FAILURES {
-                log::warn!("{}: {MAX_AUTH_FAILURES} failed AUTH attempts; closing", c.peer);
+                if refused {
+                    log::debug!("{}: {MAX_AUTH_FAILURES} refused AUTH attempts; closing", c.peer);
+                } else {
+                    log::warn!("{}: {MAX_AUTH_FAILURES} failed AUTH attempts; closing", c.peer);
+                }
                 c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "too many failed attempts; closing"));
                 c.state = State::Draining;
                 c.inbuf = Vec::new();
+            } else if refused {
+                let text = "too many failed attempts from your address; try again in a minute";
+                c.reply(&self.fan, |out| protocol::err(out, Code::Auth, text));
             } else {
                 c.reply(&self.fan, |out| protocol::err(out, Code::Auth, "wrong token"));
             }

@@ -70,11 +70,18 @@ pub struct Conn {
     pub paused: bool,
     /// The peer closed its sending side.
     pub eof: bool,
+    /// The coarse clock (whole seconds, see `limits::Sweep`) at its last line, for
+    /// `idle_timeout`; for a dropped connection, when it was dropped.
+    pub last_cmd: u32,
+    /// Its unsent bytes as last added to the reactor's total (`max_pending_total`).
+    pub counted: usize,
+    /// Dropped with `-ERR BUSY`: draining its last line, closed after a short linger.
+    pub lingering: bool,
 }
 
 impl Conn {
     /// A new connection, open, with nothing to send yet.
-    pub fn new(id: u64, sock: TcpStream, peer: SocketAddr) -> Conn {
+    pub fn new(id: u64, sock: TcpStream, peer: SocketAddr, now: u32) -> Conn {
         let loopback = match peer.ip() {
             std::net::IpAddr::V4(a) => a.is_loopback(),
             std::net::IpAddr::V6(a) => {
@@ -99,7 +106,15 @@ impl Conn {
             dirty: false,
             paused: false,
             eof: false,
+            last_cmd: now,
+            counted: 0,
+            lingering: false,
         }
+    }
+
+    /// Holds a live subscription, so it is never closed for being idle.
+    pub fn is_subscriber(&self) -> bool {
+        self.subs.len() > 0
     }
 
     /// Adds a slot for a reply that comes later; returns its sequence number.

@@ -223,7 +223,11 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         user,
         pid_file,
         log,
-        log_level
+        log_level,
+        idle_timeout,
+        max_clients_per_net,
+        max_pending_total,
+        auth_fail_limit
     );
     out
 }

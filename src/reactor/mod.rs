@@ -11,13 +11,15 @@
 //! command), `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
 //! to the store and their answers), `mail_router` (routing emails between the store's
 //! outbox and the mailers), `child_link` (one child's pipes) and `supervise` (forking,
-//! losing and restarting the children), `lifecycle` (reload and graceful stop).
+//! losing and restarting the children), `lifecycle` (reload and graceful stop), `limits`
+//! (per-address and per-network bounds, idle connections, the total output budget).
 
 mod child_link;
 mod client_io;
 mod commands;
 mod conn;
 mod lifecycle;
+mod limits;
 mod mail_router;
 mod store_link;
 mod subs;
@@ -176,6 +178,7 @@ impl Reactor {
                     return Ok(1);
                 }
             }
+            self.clients.sweep.set_clock(Instant::now());
             for ev in events.iter() {
                 self.dispatch(Source::of(ev.token()), ev.is_readable(), ev.is_writable());
             }
@@ -227,6 +230,7 @@ impl Reactor {
         let now = Instant::now();
         self.restart_children(now);
         self.expire(now);
+        self.sweep(now);
         self.run_deferred(now);
         for id in std::mem::take(&mut self.resume_child) {
             self.child_readable(id);
@@ -267,6 +271,7 @@ impl Reactor {
         consider(self.mail.next_due);
         consider(self.store.deferred.iter().map(|d| d.0).min());
         consider(self.store.child.restart_at);
+        consider(self.sweep_due());
         for m in &self.mailers {
             consider(m.child.restart_at);
         }

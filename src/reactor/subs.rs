@@ -90,6 +90,11 @@ impl Subs {
                 *self = Subs::Many(Box::new((set, counts)));
             }
             Subs::Many(m) => {
+                if m.0.len() == m.0.capacity() {
+                    // Doubling, exactly: left to itself the set reserves entries up to its
+                    // hash table's capacity, about 1.8 times the pairs.
+                    m.0.reserve_exact(m.0.len());
+                }
                 *m.1.entry(Rc::clone(&event)).or_default() += 1;
                 m.0.insert((event, email));
             }
@@ -117,6 +122,12 @@ impl Subs {
                         if *n == 0 {
                             m.1.remove(event);
                         }
+                    }
+                    if m.0.len() * 4 <= m.0.capacity() && m.0.capacity() > 4 * FEW {
+                        // Mostly emptied: give the memory back. Only after three quarters
+                        // went, so the cost per remove stays constant.
+                        m.0.shrink_to_fit();
+                        m.1.shrink_to_fit();
                     }
                     true
                 } else {
@@ -355,6 +366,31 @@ mod tests {
             live.remove_all(c);
         }
         assert!(live.events.is_empty(), "every pair gone, nothing left behind");
+    }
+
+    /// The hashed form reserves room for at most twice its pairs, and gives the room
+    /// back once most pairs are gone.
+    #[test]
+    fn the_hashed_form_holds_room_for_what_it_holds() {
+        let mut s = Subs::default();
+        let ev: Rc<str> = Rc::from("e");
+        let cap = |s: &Subs| match s {
+            Subs::Many(m) => (m.0.capacity(), m.0.len()),
+            _ => panic!("not hashed"),
+        };
+        for i in 0..1000 {
+            s.insert(Rc::clone(&ev), format!("a{i}@x").into());
+            if i < FEW {
+                continue;
+            }
+            let (c, n) = cap(&s);
+            assert!(c <= 2 * n.max(2 * FEW), "{n} pairs, room for {c}");
+        }
+        for i in 10..1000 {
+            assert!(s.remove("e", &format!("a{i}@x")));
+        }
+        let (c, n) = cap(&s);
+        assert!(n == 10 && c <= 4 * FEW, "{n} pairs, room for {c}");
     }
 
     #[test]
