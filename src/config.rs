@@ -128,6 +128,13 @@ pub struct Config {
     pub publish_token_file: Option<PathBuf>,
     /// `sendmail_timeout`: seconds one sendmail run may take before it is killed.
     pub sendmail_timeout: u32,
+    /// Address of the HTTP side (pages, `/metrics`, `/health`), resolved like `host`;
+    /// empty: no HTTP listener.
+    pub http_host: String,
+    /// The HTTP port; 0 lets the kernel choose (logged as `http listening on ADDRESS`).
+    pub http_port: u16,
+    /// HTTP connections held at once; one more is answered 503 and closed.
+    pub http_max_clients: u32,
 }
 
 impl Default for Config {
@@ -169,6 +176,9 @@ impl Default for Config {
             verbose: 0,
             publish_token_file: None,
             sendmail_timeout: 60,
+            http_host: String::new(),
+            http_port: 7680,
+            http_max_clients: 256,
         }
     }
 }
@@ -342,6 +352,9 @@ impl Config {
             }
             "publish_token_file" => self.publish_token_file = opt_path(v)?,
             "sendmail_timeout" => self.sendmail_timeout = int(key, v, 1, 86_400)? as u32,
+            "http_host" => self.http_host = string(key, v)?,
+            "http_port" => self.http_port = int(key, v, 0, 65535)? as u16,
+            "http_max_clients" => self.http_max_clients = int(key, v, 1, 1_000_000)? as u32,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -427,6 +440,9 @@ const KEYS: &[&str] = &[
     "log_level",
     "publish_token_file",
     "sendmail_timeout",
+    "http_host",
+    "http_port",
+    "http_max_clients",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -901,5 +917,16 @@ log_level = "debug"
         let far = parse("mail_transport = \"smtp\"\nsmtp_host = \"mx.example.org\"").unwrap().warnings();
         assert!(far.len() == 1 && far[0].contains("mail_from"), "{far:?}");
         assert!(parse("mail_transport = \"smtp\"").unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn http_keys() {
+        let d = Config::default();
+        assert_eq!((d.http_host.as_str(), d.http_port, d.http_max_clients), ("", 7680, 256));
+        let c = parse("http_host = \"::\"\nhttp_port = 0\nhttp_max_clients = 3\n").unwrap();
+        assert_eq!((c.http_host.as_str(), c.http_port, c.http_max_clients), ("::", 0, 3));
+        assert!(error("http_max_clients = 0").contains("\"http_max_clients\" must be from 1"));
+        assert!(error("http_port = 70000").contains("\"http_port\""));
+        assert!(error("http_prot = 1").ends_with("(did you mean \"http_port\"?)"));
     }
 }
