@@ -29,6 +29,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// reset the connection and the client could lose the response.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Connections over `http_max_clients` that are still given their 503 (written, then
+/// closed like any response, so the client reads it rather than a reset); past these,
+/// a connection is closed at once.
+const BUSY_EXTRA: usize = 16;
+
 /// How often, at most, the refusal of connections over `http_max_clients` is logged.
 const BUSY_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -220,23 +225,16 @@ impl Reactor {
             };
             // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            if self.http.conns.len() >= self.cfg.http_max_clients as usize {
+            let max = self.cfg.http_max_clients as usize;
+            let busy = self.http.conns.len() >= max;
+            if busy {
                 if !matches!(self.http.busy_logged, Some(t) if now.duration_since(t) < BUSY_LOG_EVERY) {
-                    log::warn!(
-                        "http: over http_max_clients ({}); refusing with 503",
-                        self.cfg.http_max_clients
-                    );
+                    log::warn!("http: over http_max_clients ({max}); refusing with 503");
                     self.http.busy_logged = Some(now);
                 }
-                let mut out = Vec::new();
-                http::error_page(Status::ServiceUnavailable, "too many connections; try again later").encode(
-                    false,
-                    crate::ipc::unix_now(),
-                    &mut out,
-                );
-                // A fresh socket's buffer takes one short page; if not, the client was gone.
-                let _ = sock.write(&out);
-                continue;
+                if self.http.conns.len() >= max + BUSY_EXTRA {
+                    continue;
+                }
             }
             let entry = self.http.conns.vacant_entry();
             let key = entry.key();
@@ -259,6 +257,11 @@ impl Reactor {
             self.http.next_id += 1;
             self.http.next_sweep.get_or_insert(now + SWEEP_EVERY);
             log::debug!("{peer}: http connected");
+            if busy {
+                let page =
+                    http::error_page(Status::ServiceUnavailable, "too many connections; try again later");
+                self.http_respond(key, &page);
+            }
         }
     }
 
