@@ -155,8 +155,10 @@ fn stats_and_metrics_show_the_same_numbers() {
     b.cmd("SUB other c@example.org");
     b.expect("+OK SUB other");
     let mut p = d.client();
-    let (_, n) = util::publish(&mut p, "e", "hello");
-    assert_eq!(n, 2);
+    for text in ["one", "two"] {
+        let (_, n) = util::publish(&mut p, "e", text);
+        assert_eq!(n, 2);
+    }
     util::publish(&mut p, "nobody", "hello");
     let s = stats(&mut p);
     let m = parse_metrics(&get(http, "/metrics").body);
@@ -174,8 +176,8 @@ fn stats_and_metrics_show_the_same_numbers() {
         ("connections", 3),
         ("connections_total", 3),
         ("live_subscriptions", 4),
-        ("publications_total", 2),
-        ("messages_sent_total", 2),
+        ("publications_total", 3),
+        ("messages_sent_total", 4),
         ("slow_consumers_total", 0),
         ("stored_subscriptions", 4),
         ("pending_subscriptions", 0),
@@ -396,4 +398,30 @@ fn the_http_side_is_dual_stack() {
     }
     // Through the dual-stack socket an IPv4 loopback client is still loopback.
     assert_eq!(got(agent().get(&format!("http://127.0.0.1:{port}/metrics")).call()).status, 200);
+}
+
+#[test]
+fn a_slow_consumer_is_counted() {
+    let (d, http) = start("max_pending = 4096\nsync = \"normal\"");
+    // A subscriber with a small receive buffer that never reads after its SUB.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_mss(536).unwrap();
+    sock.connect(&d.addr().into()).unwrap();
+    let mut slow = util::Client::from_stream(sock.into());
+    assert!(slow.line().starts_with("HELLO notifd 1"));
+    slow.cmd("SUB feed slow@example.org");
+    slow.expect("+OK SUB feed");
+    let mut p = d.client();
+    let text = "x".repeat(1000);
+    for _ in 0..2000 {
+        util::publish(&mut p, "feed", &text);
+        if d.log_has("slow consumer") {
+            break;
+        }
+    }
+    d.wait_log(|l| l.contains("slow consumer"), WAIT);
+    let m = parse_metrics(&get(http, "/metrics").body);
+    assert_eq!(m["slow_consumers_total"], 1);
+    assert_eq!(stats(&mut p)["slow_consumers_total"], 1);
 }
