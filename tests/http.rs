@@ -425,3 +425,45 @@ fn a_slow_consumer_is_counted() {
     assert_eq!(m["slow_consumers_total"], 1);
     assert_eq!(stats(&mut p)["slow_consumers_total"], 1);
 }
+
+/// `notif ARGS` to the daemon on 127.0.0.1, killed if it runs past 30 s; its status and
+/// standard output.
+fn notif(port: u16, args: &[&str]) -> (i32, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_notif"))
+        .env_remove("NOTIF_HOST")
+        .env_remove("NOTIF_PORT")
+        .env_remove("NOTIF_TOKEN")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start notif");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("notif {args:?} still runs after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn notif_stats_prints_the_counters() {
+    let d = Daemon::start(&format!("publish_token = \"{TOKEN}\""));
+    let (status, out, err) = notif(d.port, &["-a", TOKEN, "stats"]);
+    assert_eq!(status, 0, "{err}");
+    let got: Vec<&str> = out.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(got, NAMES, "{out}");
+    assert!(out.lines().all(|l| l.split(' ').nth(1).is_some_and(|v| v.parse::<u64>().is_ok())), "{out}");
+    assert!(out.contains("\nconnections 1\n"), "{out}");
+    // Without the token: the server's refusal, exit 1.
+    let (status, out, err) = notif(d.port, &["stats"]);
+    assert_eq!((status, out.as_str()), (1, ""), "{err}");
+    assert!(err.contains("-ERR AUTH"), "{err}");
+}
