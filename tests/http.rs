@@ -144,16 +144,12 @@ fn health_and_the_security_headers() {
 #[test]
 fn stats_and_metrics_show_the_same_numbers() {
     let (d, http) = start("");
-    let mut a = d.client();
-    a.cmd("SUB e a@example.org");
-    a.expect("+OK SUB e");
-    a.cmd("SUB e b@example.org");
-    a.expect("+OK SUB e");
-    let mut b = d.client();
-    b.cmd("SUB e c@example.org");
-    b.expect("+OK SUB e");
-    b.cmd("SUB other c@example.org");
-    b.expect("+OK SUB other");
+    // Two subscribers of e, one of them also of other, one with two addresses.
+    let mut conns = [d.client(), d.client()];
+    for (i, event, email) in [(0, "e", "a"), (0, "e", "b"), (1, "e", "c"), (1, "other", "c")] {
+        conns[i].cmd(&format!("SUB {event} {email}@example.org"));
+        conns[i].expect(&format!("+OK SUB {event}"));
+    }
     let mut p = d.client();
     for text in ["one", "two"] {
         let (_, n) = util::publish(&mut p, "e", text);
@@ -193,7 +189,8 @@ fn stats_and_metrics_show_the_same_numbers() {
     assert_eq!(g.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
     assert!(g.body.contains("# TYPE notifd_publications_total counter\n"), "{}", g.body);
     assert!(g.body.contains("# TYPE notifd_connections gauge\n"), "{}", g.body);
-    // A connection gone, a live subscription gone with it.
+    // A connection gone, its live subscriptions gone with it.
+    let [a, _b] = conns;
     drop(a);
     util::wait_until("the connection to close", WAIT, || stats(&mut p)["connections"] == 2);
     let s = stats(&mut p);
