@@ -29,6 +29,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// reset the connection and the client could lose the response.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Bytes a lingering connection may send per event before it is closed anyway: a
+/// client that streams after its answer gets a reset rather than the loop's time.
+const LINGER_BUDGET: usize = 64 * 1024;
+
 /// Connections over `http_max_clients` that are still given their 503 (written, then
 /// closed like any response, so the client reads it rather than a reset); past these,
 /// a connection is closed at once.
@@ -412,14 +416,17 @@ impl Reactor {
         self.http.dirty.push(key);
     }
 
-    /// Reads and drops what a lingering client still sends; closes at its EOF.
+    /// Reads and drops what a lingering client still sends; closes at its EOF, or when
+    /// it sends more than a turn's worth.
     fn http_drain(&mut self, key: usize) {
         let mut buf = [0u8; 4096];
         let c = &mut self.http.conns[key];
+        let mut budget = LINGER_BUDGET;
         loop {
             match c.sock.read(&mut buf) {
                 Ok(0) => return self.http.close(key),
-                Ok(_) => {}
+                Ok(n) if n >= budget => return self.http.close(key),
+                Ok(n) => budget -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.http.close(key),
