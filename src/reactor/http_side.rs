@@ -38,7 +38,8 @@ const LINGER_BUDGET: usize = 64 * 1024;
 /// a connection is closed at once.
 const BUSY_EXTRA: usize = 16;
 
-/// How often, at most, the refusal of connections over `http_max_clients` is logged.
+/// How often, at most, a refusal of connections (over `http_max_clients`, or out of
+/// descriptors) is logged: a stranger can make it happen at every connection.
 const BUSY_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Where an HTTP connection is in its one request.
@@ -87,8 +88,8 @@ pub(super) struct HttpSide {
     closing: Vec<usize>,
     /// The next deadline sweep, while connections are open.
     pub(super) next_sweep: Option<Instant>,
-    /// When a refusal over `http_max_clients` was last logged.
-    busy_logged: Option<Instant>,
+    /// When a refusal of connections was last logged.
+    refusal_logged: Option<Instant>,
 }
 
 impl HttpSide {
@@ -101,8 +102,17 @@ impl HttpSide {
             dirty: Vec::new(),
             closing: Vec::new(),
             next_sweep: None,
-            busy_logged: None,
+            refusal_logged: None,
         }
+    }
+
+    /// Whether a refusal may be logged now; if so, the interval starts again.
+    fn may_log_refusal(&mut self, now: Instant) -> bool {
+        let quiet = !matches!(self.refusal_logged, Some(t) if now.duration_since(t) < BUSY_LOG_EVERY);
+        if quiet {
+            self.refusal_logged = Some(now);
+        }
+        quiet
     }
 
     fn close(&mut self, key: usize) {
@@ -221,9 +231,11 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Out of descriptors: the client listener's pause covers the process;
-                    // this listener is retried at its next event.
-                    log::warn!("http accept: {e}");
+                    // Out of descriptors, most likely: the connection stays in the
+                    // backlog and is taken at the listener's next event.
+                    if self.http.may_log_refusal(now) {
+                        log::warn!("http accept: {e}");
+                    }
                     return;
                 }
             };
@@ -232,9 +244,8 @@ impl Reactor {
             let max = self.cfg.http_max_clients as usize;
             let busy = self.http.conns.len() >= max;
             if busy {
-                if !matches!(self.http.busy_logged, Some(t) if now.duration_since(t) < BUSY_LOG_EVERY) {
+                if self.http.may_log_refusal(now) {
                     log::warn!("http: over http_max_clients ({max}); refusing with 503");
-                    self.http.busy_logged = Some(now);
                 }
                 if self.http.conns.len() >= max + BUSY_EXTRA {
                     continue;
