@@ -150,6 +150,13 @@ pub struct Config {
     /// `auth_fail_limit`: failed AUTHs per client address (IPv6 /64) per minute before
     /// further ones are refused unchecked.
     pub auth_fail_limit: u32,
+    /// Address of the HTTP side (pages, `/metrics`, `/health`), resolved like `host`;
+    /// empty: no HTTP listener.
+    pub http_host: String,
+    /// The HTTP port; 0 lets the kernel choose (logged as `http listening on ADDRESS`).
+    pub http_port: u16,
+    /// HTTP connections held at once; one more is answered 503 and closed.
+    pub http_max_clients: u32,
 }
 
 impl Default for Config {
@@ -200,6 +207,9 @@ impl Default for Config {
             max_clients_per_net: 1024,
             max_pending_total: 256 << 20,
             auth_fail_limit: 10,
+            http_host: String::new(),
+            http_port: 7680,
+            http_max_clients: 256,
         }
     }
 }
@@ -382,6 +392,9 @@ impl Config {
             "max_clients_per_net" => self.max_clients_per_net = int(key, v, 1, 10_000_000)? as u32,
             "max_pending_total" => self.max_pending_total = int(key, v, 1024, 1 << 40)? as usize,
             "auth_fail_limit" => self.auth_fail_limit = int(key, v, 1, 1_000_000)? as u32,
+            "http_host" => self.http_host = string(key, v)?,
+            "http_port" => self.http_port = int(key, v, 0, 65535)? as u16,
+            "http_max_clients" => self.http_max_clients = int(key, v, 1, 1_000_000)? as u32,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -499,6 +512,9 @@ const KEYS: &[&str] = &[
     "max_clients_per_net",
     "max_pending_total",
     "auth_fail_limit",
+    "http_host",
+    "http_port",
+    "http_max_clients",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -1061,5 +1077,16 @@ plain = false
             "test.conf line 1: \"tls_port\" must be from 0 to 65535, not 65536"
         );
         assert!(error("tls_prot = 1").ends_with("(did you mean \"tls_port\"?)"));
+    }
+
+    #[test]
+    fn http_keys() {
+        let d = Config::default();
+        assert_eq!((d.http_host.as_str(), d.http_port, d.http_max_clients), ("", 7680, 256));
+        let c = parse("http_host = \"::\"\nhttp_port = 0\nhttp_max_clients = 3\n").unwrap();
+        assert_eq!((c.http_host.as_str(), c.http_port, c.http_max_clients), ("::", 0, 3));
+        assert!(error("http_max_clients = 0").contains("\"http_max_clients\" must be from 1"));
+        assert!(error("http_port = 70000").contains("\"http_port\""));
+        assert!(error("http_prot = 1").ends_with("(did you mean \"http_port\"?)"));
     }
 }

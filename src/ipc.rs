@@ -105,6 +105,11 @@ pub enum ToStore {
     Configure(StoreSettings),
     /// Where to log, after a reload (the log file is reopened even when unchanged).
     Logging(LogSettings),
+    /// The counts the database holds, for STATS and `/metrics`; answered with `Stats`.
+    Stats {
+        /// The request number, echoed in the answer.
+        req: u64,
+    },
 }
 
 impl ToStore {
@@ -117,7 +122,8 @@ impl ToStore {
             | ToStore::List { req, .. }
             | ToStore::ReserveIds { req, .. }
             | ToStore::TakeMail { req, .. }
-            | ToStore::MailDone { req, .. } => Some(req),
+            | ToStore::MailDone { req, .. }
+            | ToStore::Stats { req } => Some(req),
             ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
         }
     }
@@ -171,6 +177,28 @@ pub enum FromStore {
         /// When the next pending email falls due (Unix seconds); `None` when none is pending.
         next_due: Option<i64>,
     },
+    /// The answer to `ToStore::Stats`.
+    Stats {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The counts.
+        stats: StoreStats,
+    },
+}
+
+/// What the database counts, as STATS and `/metrics` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// Rows of `subscriptions`.
+    pub stored_subscriptions: u64,
+    /// Stored subscriptions waiting for their confirmation.
+    pub pending_subscriptions: u64,
+    /// Emails in the outbox not yet sent nor given up (waiting, or held by a mailer).
+    pub outbox_pending: u64,
+    /// Emails the transports accepted, counted by the database since it was created.
+    pub emails_sent_total: u64,
+    /// Emails given up after their last try, counted likewise.
+    pub emails_failed_total: u64,
 }
 
 /// Reactor → mailer.
@@ -730,6 +758,7 @@ mod tests {
             (ToStore::Logging(logging(LogTarget::Stderr, L::Info)), "090003"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Debug)), "090004"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Trace)), "090005"),
+            (ToStore::Stats { req: 9 }, "0a09"),
         ];
         golden(&samples, |m| {
             use ToStore::*;
@@ -744,7 +773,8 @@ mod tests {
                 TakeMail { .. },
                 MailDone { .. },
                 Configure(_),
-                Logging(_)
+                Logging(_),
+                Stats { .. }
             )
         });
     }
@@ -762,6 +792,19 @@ mod tests {
                 "0504010101610165017401020112",
             ),
             (FromStore::Mail { req: 4, jobs: vec![], next_due: None }, "05040000"),
+            (
+                FromStore::Stats {
+                    req: 5,
+                    stats: StoreStats {
+                        stored_subscriptions: 1,
+                        pending_subscriptions: 2,
+                        outbox_pending: 3,
+                        emails_sent_total: 300,
+                        emails_failed_total: 5,
+                    },
+                },
+                "0605010203ac0205",
+            ),
         ];
         golden(&samples, |m| {
             use FromStore::*;
@@ -772,7 +815,8 @@ mod tests {
                 Failed { .. },
                 ListChunk { .. },
                 Ids { .. },
-                Mail { .. }
+                Mail { .. },
+                Stats { .. }
             )
         });
     }

@@ -118,6 +118,11 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     listen::raise_nofile();
     listen::fit_max_clients(&mut cfg);
     let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
+    // Bound now too: a port below 1024 needs root, which is dropped in `serve`.
+    let http = match cfg.http_host.as_str() {
+        "" => None,
+        host => Some(listen::bind(host, cfg.http_port).map_err(|e| fatal(format!("http: {e}")))?),
+    };
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     for d in daemon::data_dirs(&cfg, detach) {
@@ -127,17 +132,20 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     // dropped: it must belong to the user they run as.
     daemon::prepare_log(&cfg, user.as_ref()).map_err(fatal)?;
     let mut ready = if detach { daemon::detach().map_err(fatal)? } else { daemon::Ready::foreground() };
-    let result = serve(cfg, listener, addr, mail, user, &mut ready, detach);
+    let result = serve(cfg, (listener, addr), http, mail, user, &mut ready, detach);
     if let Err((_, why)) = &result {
         ready.fail(why);
     }
     result
 }
 
+/// A bound listening socket and its address.
+type Bound = (std::net::TcpListener, std::net::SocketAddr);
+
 fn serve(
     cfg: Config,
-    listener: std::net::TcpListener,
-    addr: std::net::SocketAddr,
+    (listener, addr): Bound,
+    http: Option<Bound>,
     mail: notifd::ipc::MailSettings,
     user: Option<nix::unistd::User>,
     ready: &mut daemon::Ready,
@@ -159,6 +167,13 @@ fn serve(
         daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
     }
     let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
+    let http_addr = match http {
+        Some((l, a)) => {
+            r.add_http(l).map_err(|e| fatal(format!("start-up: http: {e}")))?;
+            Some(a)
+        }
+        None => None,
+    };
     if let Err(e) = r.wait_store(std::time::Duration::from_secs(30)) {
         // A store that exited said why in the log, which may be a syslog nobody reads
         // (or none at all on a minimal host): find out again, for the terminal. One
@@ -171,6 +186,9 @@ fn serve(
         });
     }
     log::info!("listening on {addr}");
+    if let Some(a) = http_addr {
+        log::info!("http listening on {a}");
+    }
     if detach {
         daemon::write_pid_file(&pid_file).map_err(fatal)?;
     }

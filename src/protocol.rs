@@ -91,6 +91,8 @@ pub enum Command<'a> {
     },
     /// `QUIT`.
     Quit,
+    /// `STATS`.
+    Stats,
 }
 
 /// The stable error codes of `-ERR <CODE> <text>`.
@@ -211,6 +213,11 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Command<'_>>, ProtoError> {
             return Err(ProtoError::new(Code::Syntax, "QUIT takes no arguments"));
         }
         Command::Quit
+    } else if verb.eq_ignore_ascii_case("STATS") {
+        if !rest.is_empty() {
+            return Err(ProtoError::new(Code::Syntax, "STATS takes no arguments"));
+        }
+        Command::Stats
     } else {
         let shown: String = verb.chars().filter(|c| !c.is_control()).take(32).collect();
         return Err(ProtoError::new(Code::Unknown, format!("unknown command \"{shown}\"")));
@@ -364,6 +371,15 @@ pub fn list_line(out: &mut Vec<u8>, event: &str, email: &str, created_at: i64) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `STAT <name> <value>`, a STATS data line.
+pub fn stat_line(out: &mut Vec<u8>, name: &str, value: u64) {
+    out.extend_from_slice(b"STAT ");
+    out.extend_from_slice(name.as_bytes());
+    out.push(b' ');
+    push_u64(out, value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Unix seconds as RFC 3339 UTC to the second, `2026-11-28T00:05:09Z`.
 pub fn rfc3339(secs: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
@@ -416,6 +432,16 @@ mod tests {
     fn ping_echoes_its_text() {
         assert_eq!(parse("PING  hello  there").unwrap(), Some(Command::Ping { text: Some("hello  there") }));
         assert_eq!(code("PING a\x1bb"), Code::Syntax);
+    }
+
+    #[test]
+    fn stats_takes_no_arguments() {
+        assert_eq!(parse("stats").unwrap(), Some(Command::Stats));
+        assert_eq!(parse("STATS \r").unwrap(), Some(Command::Stats));
+        assert_eq!(code("STATS x"), Code::Syntax);
+        let mut out = Vec::new();
+        stat_line(&mut out, "connections", 12);
+        assert_eq!(out, b"STAT connections 12\r\n");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! It owns the outbox, the durable queue of emails. It never talks to clients or mail
 //! servers. On EOF from the reactor it finishes the batch in hand and exits.
 
-use crate::ipc::{self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, ToStore};
+use crate::ipc::{
+    self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, StoreStats, ToStore,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
 use std::io::{self, Write};
@@ -19,6 +21,10 @@ const SCHEMA_VERSION: i64 = 1;
 /// Rows per `ListChunk`, so that a LIST answer never outgrows the frame maximum:
 /// a row is at most 128 + 10 bytes.
 const LIST_CHUNK: usize = 4096;
+
+/// The `meta` keys of the email counters of STATS.
+const EMAILS_SENT: &str = "emails_sent";
+const EMAILS_FAILED: &str = "emails_failed";
 
 /// How often old notifications and finished emails are deleted.
 const CLEANUP_EVERY: Duration = Duration::from_secs(3600);
@@ -281,6 +287,10 @@ impl Store {
             }
             // Taken out of the batch by `apply`.
             ToStore::Configure(_) | ToStore::Logging(_) => Ok(()),
+            ToStore::Stats { req } => {
+                answers.push(FromStore::Stats { req: *req, stats: self.stats()? });
+                Ok(())
+            }
         }
     }
 
@@ -431,6 +441,7 @@ impl Store {
     }
 
     fn mail_done(&mut self, results: &[MailResult], now: i64) -> Result<(), StoreError> {
+        let (mut sent, mut failed) = (0i64, 0i64);
         for r in results {
             let tries: Option<u32> = self
                 .db
@@ -442,7 +453,10 @@ impl Store {
             let Some(tries) = tries else { continue };
             let tries = tries + 1;
             let (state, next, error) = match &r.outcome {
-                MailOutcome::Sent => ("sent", now, None),
+                MailOutcome::Sent => {
+                    sent += 1;
+                    ("sent", now, None)
+                }
                 MailOutcome::Retry(why) if tries < self.settings.mail_max_tries => {
                     let delay = retry_delay(self.settings.mail_retry_base, tries, self.jitter());
                     log::info!("email {} to {}: try {tries} failed, next in {delay} s: {why}", r.id, r.email);
@@ -450,6 +464,7 @@ impl Store {
                 }
                 MailOutcome::Retry(why) | MailOutcome::Fail(why) => {
                     log::warn!("email {} to {}: given up after {tries} tries: {why}", r.id, r.email);
+                    failed += 1;
                     ("failed", now, Some(why.as_str()))
                 }
             };
@@ -462,7 +477,45 @@ impl Store {
                 .execute(params![r.id as i64, r.email, state, tries, next, error, now])
                 .map_err(ctx("mail result"))?;
         }
+        // Kept in `meta` rather than counted from the outbox, which cleanup empties:
+        // a counter must never go down.
+        for (key, n) in [(EMAILS_SENT, sent), (EMAILS_FAILED, failed)] {
+            if n > 0 {
+                self.db
+                    .prepare_cached(
+                        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+                         ON CONFLICT(key) DO UPDATE SET value = value + ?2",
+                    )
+                    .map_err(ctx("count emails"))?
+                    .execute(params![key, n])
+                    .map_err(ctx("count emails"))?;
+            }
+        }
         Ok(())
+    }
+
+    /// The counts of STATS and `/metrics` that the database holds.
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            let n: i64 = self.db.query_row(sql, [], |r| r.get(0)).map_err(ctx("stats"))?;
+            Ok(n.max(0) as u64)
+        };
+        let meta = |key: &str| -> Result<u64, StoreError> {
+            let n: Option<i64> = self
+                .db
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(ctx("stats"))?;
+            Ok(n.unwrap_or(0).max(0) as u64)
+        };
+        Ok(StoreStats {
+            stored_subscriptions: count("SELECT count(*) FROM subscriptions")?,
+            // Every stored subscription is confirmed until pending ones exist (consent).
+            pending_subscriptions: 0,
+            outbox_pending: count("SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending')")?,
+            emails_sent_total: meta(EMAILS_SENT)?,
+            emails_failed_total: meta(EMAILS_FAILED)?,
+        })
     }
 
     /// 0.8 to 1.2, from a xorshift: retries need spreading, not cryptography.
@@ -802,5 +855,51 @@ mod tests {
             let (end_l, end_e) = ((i + 3).min(listed.len()), (i + 3).min(events.len()));
             panic!("not in byte order at row {i}: {:?}, wanted {:?}", &listed[i..end_l], &events[i..end_e]);
         }
+    }
+
+    #[test]
+    fn stats_count_rows_and_email_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
+        let stats = |s: &mut Store| {
+            let got = answers(s, vec![ToStore::Stats { req: 1 }]);
+            let [FromStore::Stats { req: 1, stats }] = got[..] else { panic!("{got:?}") };
+            stats
+        };
+        assert_eq!(stats(&mut s), StoreStats::default());
+        let mut batch: Vec<ToStore> = ["a@x", "b@x", "c@x"]
+            .iter()
+            .map(|m| ToStore::Subscribe { req: 2, email: (*m).into(), event: "e".into(), now: 1 })
+            .collect();
+        batch.push(ToStore::Publish {
+            req: 3,
+            id: 1,
+            event: "e".into(),
+            text: "t".into(),
+            now: 1,
+            mail: MailPlan::All,
+        });
+        batch.push(ToStore::TakeMail { req: 4, max: 10, now: 1 });
+        answers(&mut s, batch);
+        let want = StoreStats { stored_subscriptions: 3, outbox_pending: 3, ..StoreStats::default() };
+        assert_eq!(stats(&mut s), want);
+        let result = |email: &str, outcome| MailResult { id: 1, email: email.into(), outcome };
+        let results = vec![
+            result("a@x", MailOutcome::Sent),
+            result("b@x", MailOutcome::Fail("550".into())),
+            result("c@x", MailOutcome::Retry("421".into())),
+        ];
+        answers(&mut s, vec![ToStore::MailDone { req: 5, results, now: 2 }]);
+        let want = StoreStats {
+            stored_subscriptions: 3,
+            outbox_pending: 1,
+            emails_sent_total: 1,
+            emails_failed_total: 1,
+            ..StoreStats::default()
+        };
+        assert_eq!(stats(&mut s), want);
+        // Cleanup forgets the rows, not the counts.
+        s.cleanup(10_000_000).unwrap();
+        assert_eq!(stats(&mut s), want);
     }
 }

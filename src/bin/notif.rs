@@ -46,7 +46,8 @@ commands:
   sub EMAIL EVENT...   subscribe EMAIL to each EVENT and print notifications as they arrive
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
   list EMAIL           print the events EMAIL is subscribed to, with the time of subscription
-  ping [TEXT...]       check that the server answers";
+  ping [TEXT...]       check that the server answers
+  stats                print the server's counters, one \"NAME VALUE\" a line";
 
 /// Why a command did not complete; each maps to one exit status.
 #[derive(Debug)]
@@ -183,6 +184,7 @@ fn parse_args(
         "pub" => args.len() >= 2,
         "list" => args.len() == 1,
         "ping" => true,
+        "stats" => args.is_empty(),
         _ => return Err(format!("unknown command {name:?}")),
     };
     if !arity_ok {
@@ -272,6 +274,21 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
             conn.send(&cmd)?;
             let reply = conn.reply()?;
             print_line(&reply)?;
+            conn.quit();
+            Ok(())
+        }
+        "stats" => {
+            let mut conn = Connection::open(opts, tls)?;
+            conn.send("STATS")?;
+            // STAT <name> <value> lines, then +OK STATS <count>.
+            let mut line = conn.reply()?;
+            while let Some(stat) = line.strip_prefix("STAT ") {
+                print_line(stat)?;
+                line = conn.reply()?;
+            }
+            if !is_ok(&line) {
+                return Err(Failure::Connect(format!("unexpected reply to STATS: {line:?}")));
+            }
             conn.quit();
             Ok(())
         }
@@ -792,6 +809,7 @@ mod tests {
             (&["Frob"], "unknown command \"Frob\""),
             (&["-"], "unknown command \"-\""),
             (&["list"], "wrong number of arguments for list"),
+            (&["stats", "x"], "wrong number of arguments for stats"),
             (&["pub", "ev", "a\r\nPUB x y"], "arguments must not contain line breaks"),
             (&["-a", "two words", "ping"], "the token must be one word"),
             (&["-H", "", "ping"], "empty host"),

@@ -39,6 +39,8 @@ pub struct Child {
     backoff: Duration,
     /// When it is dead: when to fork it again.
     pub restart_at: Option<Instant>,
+    /// Times it was forked; all but the first are restarts.
+    pub starts: u64,
     rx_token: Token,
     tx_token: Token,
 }
@@ -58,6 +60,7 @@ impl Child {
             started: Instant::now(),
             backoff: MIN_BACKOFF,
             restart_at: None,
+            starts: 0,
             rx_token,
             tx_token,
         }
@@ -76,6 +79,7 @@ impl Child {
         self.greeted = false;
         self.started = Instant::now();
         self.restart_at = None;
+        self.starts += 1;
         Ok(())
     }
 

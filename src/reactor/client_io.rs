@@ -39,8 +39,9 @@ impl Acceptor {
 /// connections that something must happen to later in the turn.
 pub(super) struct Clients {
     pub(super) conns: Slab<Conn>,
-    /// The id of the next connection (see `Conn::id`).
-    next_id: u64,
+    /// The id of the next connection (see `Conn::id`); less one, the connections
+    /// accepted so far.
+    pub(super) next_id: u64,
     /// Connections per address (per /64 for IPv6), for `max_clients_per_ip`.
     per_ip: HashMap<AddrKey, u32>,
     /// Connections per network (IPv4 /24, IPv6 /48), for `max_clients_per_net`.

@@ -33,6 +33,7 @@ impl Reactor {
             Command::List { email } => self.list(key, &email),
             Command::Ping { text } => self.ping(key, text),
             Command::Quit => self.quit(key),
+            Command::Stats => self.stats(key),
         }
     }
 
@@ -156,6 +157,8 @@ impl Reactor {
         for k in slow {
             self.drop_conn(k, "slow consumer");
         }
+        self.counters.publications += 1;
+        self.counters.messages_sent += n;
         let now = crate::ipc::unix_now();
         self.store_request(
             key,
@@ -261,9 +264,18 @@ impl Reactor {
         }
         self.store_request(key, |req| ToStore::List { req, email: email.into() }, 0);
     }
+
+    /// STATS: the reactor's numbers join the store's when it answers (`stats_answer`).
+    fn stats(&mut self, key: usize) {
+        if !self.may_publish(&self.clients.conns[key]) {
+            return self.reply_err(key, Code::Auth, self.auth_text());
+        }
+        self.store_request(key, |req| ToStore::Stats { req }, 0);
+    }
 }
 
-fn constant_time_eq(a: &str, b: &str) -> bool {
+/// Whether `a` and `b` are equal, in a time that does not depend on where they differ.
+pub(super) fn constant_time_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

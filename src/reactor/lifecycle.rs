@@ -43,7 +43,8 @@ impl Reactor {
         crate::listen::fit_max_clients(&mut new);
         let old = std::mem::replace(&mut self.cfg, new);
         let changed = changed_keys(&old, &self.cfg);
-        for key in ["host", "port", "database", "user", "pid_file", "mail_workers"] {
+        for key in ["host", "port", "database", "user", "pid_file", "mail_workers", "http_host", "http_port"]
+        {
             if changed.contains(&key) {
                 log::warn!("reload: \"{key}\" changed; it takes effect at the next restart");
             }
@@ -55,6 +56,8 @@ impl Reactor {
         self.cfg.user = old.user.clone();
         self.cfg.pid_file = old.pid_file.clone();
         self.cfg.mail_workers = old.mail_workers;
+        self.cfg.http_host = old.http_host.clone();
+        self.cfg.http_port = old.http_port;
         if (old.mail_transport == Transport::None) != (self.cfg.mail_transport == Transport::None) {
             log::warn!("reload: turning mail_transport on or off takes effect at the next restart");
             self.cfg.mail_transport = old.mail_transport;
@@ -227,7 +230,10 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         idle_timeout,
         max_clients_per_net,
         max_pending_total,
-        auth_fail_limit
+        auth_fail_limit,
+        http_host,
+        http_port,
+        http_max_clients
     );
     out
 }

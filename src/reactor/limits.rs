@@ -250,6 +250,9 @@ impl Reactor {
         c.lingering = true;
         c.last_cmd = tick;
         protocol::err(&mut c.out, Code::Busy, why);
+        if why == "slow consumer" {
+            self.counters.slow_consumers += 1;
+        }
         let dead = c.flush(&[]).is_err();
         // Out of the indexes at once: no MSG reaches it, and under the offline mail
         // policy its addresses stop counting as live (they get their email).

@@ -12,12 +12,15 @@
 //! to the store and their answers), `mail_router` (routing emails between the store's
 //! outbox and the mailers), `child_link` (one child's pipes) and `supervise` (forking,
 //! losing and restarting the children), `lifecycle` (reload and graceful stop), `limits`
-//! (per-address and per-network bounds, idle connections, the total output budget).
+//! (per-address and per-network bounds, idle connections, the total output budget),
+//! `http_side` (the HTTP listener, its connections, and the numbers of STATS and
+//! `/metrics`).
 
 mod child_link;
 mod client_io;
 mod commands;
 mod conn;
+mod http_side;
 mod lifecycle;
 mod limits;
 mod mail_router;
@@ -28,6 +31,7 @@ mod supervise;
 use crate::config::{Config, MailPolicy, Transport};
 use crate::ipc::MailSettings;
 use client_io::{Acceptor, Clients};
+use http_side::{Counters, HttpSide};
 use mail_router::{MailRouter, MailerLink};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -43,7 +47,8 @@ const FAN_KEEP: usize = 4 << 20;
 
 /// Where a poll event comes from. The listener, the signals and the children's pipes
 /// take tokens counting down from `usize::MAX`; client connections use their slab keys,
-/// far below.
+/// far below; HTTP connections theirs from `HTTP_BASE`, and the HTTP listener sits at
+/// `FIXED_FLOOR`, between the two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     /// The listening socket: accept.
@@ -60,10 +65,18 @@ enum Source {
     MailerWrite(usize),
     /// A client connection, by slab key.
     Client(usize),
+    /// The HTTP listening socket: accept.
+    HttpListener,
+    /// An HTTP connection, by its slab key.
+    Http(usize),
 }
 
-/// Tokens from here up are not clients; a slab of `max_clients` (a `u32`) never gets here.
+/// Tokens from here up are not connections.
 const FIXED_FLOOR: usize = usize::MAX / 2;
+
+/// Tokens from here up to `FIXED_FLOOR` are HTTP connections; a slab of `max_clients`
+/// (a `u32`) never gets here.
+const HTTP_BASE: usize = usize::MAX / 4;
 
 impl Source {
     fn token(self) -> Token {
@@ -75,12 +88,20 @@ impl Source {
             Source::MailerRead(i) => usize::MAX - 4 - 2 * i,
             Source::MailerWrite(i) => usize::MAX - 5 - 2 * i,
             Source::Client(key) => key,
+            Source::HttpListener => FIXED_FLOOR,
+            Source::Http(key) => HTTP_BASE + key,
         })
     }
 
     fn of(Token(t): Token) -> Source {
-        if t < FIXED_FLOOR {
+        if t < HTTP_BASE {
             return Source::Client(t);
+        }
+        if t < FIXED_FLOOR {
+            return Source::Http(t - HTTP_BASE);
+        }
+        if t == FIXED_FLOOR {
+            return Source::HttpListener;
         }
         match usize::MAX - t {
             0 => Source::Listener,
@@ -128,6 +149,12 @@ pub struct Reactor {
     /// Why the daemon cannot go on (a child speaks another record version); `run`
     /// returns it.
     fatal: Option<String>,
+    /// The HTTP listener (when `http_host` is set) and its connections.
+    http: HttpSide,
+    /// What STATS and `/metrics` count that nothing else keeps.
+    counters: Counters,
+    /// When the reactor started, for `uptime_seconds`.
+    started: Instant,
 }
 
 impl Reactor {
@@ -153,6 +180,9 @@ impl Reactor {
             token_gen: 1,
             stopping: None,
             fatal: None,
+            http: HttpSide::none(),
+            counters: Counters::default(),
+            started: Instant::now(),
             cfg,
         };
         if r.mail_policy() == MailPolicy::Offline {
@@ -201,6 +231,8 @@ impl Reactor {
             Source::MailerRead(i) => self.child_readable(ChildId::Mailer(i)),
             Source::MailerWrite(i) => self.flush_child(ChildId::Mailer(i)),
             Source::Client(key) => self.conn_event(key, readable, writable),
+            Source::HttpListener => self.http_accept(),
+            Source::Http(key) => self.http_event(key, readable, writable),
         }
     }
 
@@ -240,6 +272,10 @@ impl Reactor {
         self.flush_children();
         self.flush_conns();
         self.reap_conns();
+        if self.stopping.is_some() {
+            self.http_stop();
+        }
+        self.http_turn(now);
         if let Some(since) = self.stopping {
             return self.stop_step(since);
         }
@@ -272,6 +308,7 @@ impl Reactor {
         consider(self.store.deferred.iter().map(|d| d.0).min());
         consider(self.store.child.restart_at);
         consider(self.sweep_due());
+        consider(self.http.next_sweep);
         for m in &self.mailers {
             consider(m.child.restart_at);
         }
@@ -300,6 +337,10 @@ mod tests {
             Source::Client(0),
             Source::Client(1_000_000),
             Source::Client(u32::MAX as usize),
+            Source::HttpListener,
+            Source::Http(0),
+            Source::Http(1_000_000),
+            Source::Http(u32::MAX as usize),
         ];
         let mut tokens = std::collections::HashSet::new();
         for s in sources {

@@ -5,7 +5,7 @@ use super::child_link::Child;
 use super::conn::State;
 use super::supervise::{ChildId, Fault};
 use super::{Reactor, Source};
-use crate::ipc::{FromStore, MailPlan, StoreSettings, ToStore};
+use crate::ipc::{FromStore, MailPlan, StoreSettings, StoreStats, ToStore};
 use crate::protocol::{self, Code};
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -30,6 +30,8 @@ pub(super) enum Target {
     TakeMail,
     /// Mail outcomes handed on from a mailer.
     MailDone,
+    /// An HTTP connection's request (`/metrics`).
+    Http { key: usize, conn_id: u64 },
 }
 
 /// A request sent to the store and not yet answered.
@@ -39,6 +41,9 @@ pub(super) struct Request {
     pub(super) target: Target,
     /// Store deaths this request was in flight for.
     pub(super) deaths: u8,
+    /// When it was first sent: `/health` calls a store stuck that holds a request past
+    /// `store_timeout`.
+    pub(super) sent: Instant,
 }
 
 /// The store child and everything the reactor keeps about talking to it.
@@ -148,10 +153,11 @@ impl Reactor {
         self.store.next_req += 1;
         let record = make(req);
         self.store.child.send(&record);
+        let sent = Instant::now();
         if matches!(target, Target::Reply { .. }) {
-            self.store.sent.push_back((Instant::now(), req));
+            self.store.sent.push_back((sent, req));
         }
-        self.store.pending.insert(req, Request { record, target, deaths: 0 });
+        self.store.pending.insert(req, Request { record, target, deaths: 0, sent });
     }
 
     /// The next notification id; `None` when no block is reserved (`can_take` checks
@@ -190,6 +196,7 @@ impl Reactor {
                 self.store.pending.remove(&req);
                 self.got_mail(jobs, next_due);
             }
+            FromStore::Stats { req, stats } => self.stats_answer(req, &stats),
         }
         Ok(())
     }
@@ -201,14 +208,14 @@ impl Reactor {
                 Some(c) if c.id == conn_id && c.state != State::Closing => Some((key, seq)),
                 _ => None,
             },
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => None,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Http { .. } => None,
         }
     }
 
     pub(super) fn store_done(&mut self, req: u64) {
         let Some(r) = self.store.pending.remove(&req) else { return };
         match r.target {
-            Target::MailDone | Target::Orphan | Target::Ids | Target::TakeMail => {}
+            Target::MailDone | Target::Orphan | Target::Ids | Target::TakeMail | Target::Http { .. } => {}
             Target::Reply { n, .. } => {
                 if let ToStore::Publish { mail, .. } = &r.record {
                     if *mail != MailPlan::Nobody {
@@ -222,6 +229,7 @@ impl Reactor {
                     ToStore::Publish { id, .. } => protocol::ok_pub(out, *id, n),
                     // A store that answers these with Done is broken; the client is told.
                     ToStore::List { .. }
+                    | ToStore::Stats { .. }
                     | ToStore::Hello { .. }
                     | ToStore::ReserveIds { .. }
                     | ToStore::TakeMail { .. }
@@ -242,6 +250,7 @@ impl Reactor {
             Target::Reply { .. } => self
                 .fail_reply(&r.target, "the database reported an error; it may or may not have taken effect"),
             Target::Orphan => {}
+            Target::Http { key, conn_id } => self.http_store_failed(key, conn_id),
             // Not a client's: try again in a second.
             target @ (Target::Ids | Target::TakeMail | Target::MailDone) => {
                 self.store.deferred.push((Instant::now() + Duration::from_secs(1), r.record, target))
@@ -278,7 +287,7 @@ impl Reactor {
                 *listed += rows.len() as u64;
                 *listed
             }
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => 0,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Http { .. } => 0,
         };
         if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
@@ -292,6 +301,26 @@ impl Reactor {
         }
         if last {
             self.store.pending.remove(&req);
+        }
+    }
+
+    /// The store's counts: a STATS reply (its `STAT` lines and `+OK` in one slot, so no
+    /// `MSG` comes between them) or a `/metrics` page.
+    fn stats_answer(&mut self, req: u64, stats: &StoreStats) {
+        let Some(r) = self.store.pending.remove(&req) else { return };
+        let metrics = self.metrics(stats);
+        match r.target {
+            Target::Reply { .. } => {
+                let Some((key, seq)) = self.reply_slot(&r.target) else { return };
+                self.fill_slot(key, seq, |out| {
+                    for m in &metrics {
+                        protocol::stat_line(out, m.name, m.value);
+                    }
+                    protocol::ok(out, "STATS", &metrics.len().to_string());
+                });
+            }
+            Target::Http { key, conn_id } => self.http_metrics(key, conn_id, &metrics),
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => {}
         }
     }
 
