@@ -267,8 +267,7 @@ pub fn detach() -> Result<Ready, String> {
 pub fn close_stdio() -> io::Result<()> {
     let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
     for fd in 0..3 {
-        // SAFETY: dup2 of an open descriptor onto 0, 1 or 2.
-        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        nix::unistd::dup2(null.as_raw_fd(), fd)?;
     }
     Ok(())
 }

@@ -60,10 +60,10 @@ pub fn lock_path(db_path: &Path) -> std::path::PathBuf {
 /// for a holder to go away; held until the returned file is closed (the store's exit).
 /// A lock file rather than the database itself: SQLite's own POSIX locks on the
 /// database and flock(2) on it would be one lock on some file systems.
-pub fn lock(db_path: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
+pub fn lock(db_path: &Path, wait: Duration) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = lock_path(db_path);
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -74,16 +74,18 @@ pub fn lock(db_path: &Path, wait: Duration) -> Result<std::fs::File, StoreError>
         .map_err(|e| StoreError(format!("cannot open the lock file {}: {e}", path.display())))?;
     let deadline = Instant::now() + wait;
     loop {
-        // SAFETY: flock on a descriptor owned by `file`.
-        let locked =
-            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked == 0 {
-            // For whoever finds the lock taken: which process holds it.
-            let pid = format!("{}\n", std::process::id());
-            let _ = file.set_len(0).and_then(|()| (&file).write_all(pid.as_bytes()));
-            return Ok(file);
-        }
-        let e = io::Error::last_os_error();
+        let e = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => {
+                // For whoever finds the lock taken: which process holds it.
+                let pid = format!("{}\n", std::process::id());
+                let _ = locked.set_len(0).and_then(|()| (&*locked).write_all(pid.as_bytes()));
+                return Ok(locked);
+            }
+            Err((back, errno)) => {
+                file = back;
+                io::Error::from(errno)
+            }
+        };
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(StoreError(format!("cannot lock {}: {e}", path.display())));
         }

@@ -389,9 +389,12 @@ impl Sendmail {
         let status = match done_rx.recv_timeout(self.timeout) {
             Ok(status) => status.map_err(|e| Failed(format!("wait: {e}")))?,
             Err(_) => {
-                // SAFETY: kill(2) of the process group this run created; its leader has
-                // not been reaped yet (the waiting thread holds it), so the id is ours.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // The process group this run created: its leader has not been reaped yet
+                // (the waiting thread holds it), so the id is still ours.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 let _ = done_rx.recv();
                 return Err(SendmailError::TimedOut(format!(
                     "no exit within {} s; killed",
