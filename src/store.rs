@@ -5,6 +5,7 @@
 //! It owns the outbox, the durable queue of emails. It never talks to clients or mail
 //! servers. On EOF from the reactor it finishes the batch in hand and exits.
 
+use crate::consent;
 use crate::ipc::{self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, ToStore};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
@@ -14,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Rows per `ListChunk`, so that a LIST answer never outgrows the frame maximum:
 /// a row is at most 128 + 10 bytes.
@@ -115,7 +116,8 @@ fn set_sync(db: &Connection, full: bool) -> Result<(), StoreError> {
         .map_err(ctx("synchronous"))
 }
 
-/// Creates the schema, or brings an older one forward.
+/// Creates the schema, or brings an older one forward, one numbered step at a time,
+/// each in its own transaction: a fresh database goes through every step.
 fn migrate(db: &Connection) -> Result<(), StoreError> {
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(ctx("user_version"))?;
     if version > SCHEMA_VERSION {
@@ -124,27 +126,85 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
         )));
     }
     if version < 1 {
-        db.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS subscriptions(
-                 email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
-             CREATE INDEX IF NOT EXISTS subscriptions_by_event ON subscriptions(event, email);
-             CREATE TABLE IF NOT EXISTS notifications(
-                 id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL, created_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS outbox(
-                 notification_id INTEGER NOT NULL, email TEXT NOT NULL,
-                 state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0,
-                 next_try_at INTEGER NOT NULL, last_error TEXT, updated_at INTEGER NOT NULL,
-                 PRIMARY KEY (notification_id, email));
-             CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_try_at);
-             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta(key, value) VALUES ('next_id', 1);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )
-        .map_err(ctx("cannot create schema"))?;
+        db.execute_batch(SCHEMA_1).map_err(ctx("cannot create schema"))?;
+    }
+    if version < 2 {
+        migrate_consent(db)?;
     }
     Ok(())
+}
+
+/// Step 1: the first schema.
+const SCHEMA_1: &str = "BEGIN;
+     CREATE TABLE IF NOT EXISTS subscriptions(
+         email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
+     CREATE INDEX IF NOT EXISTS subscriptions_by_event ON subscriptions(event, email);
+     CREATE TABLE IF NOT EXISTS notifications(
+         id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL, created_at INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS outbox(
+         notification_id INTEGER NOT NULL, email TEXT NOT NULL,
+         state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0,
+         next_try_at INTEGER NOT NULL, last_error TEXT, updated_at INTEGER NOT NULL,
+         PRIMARY KEY (notification_id, email));
+     CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_try_at);
+     CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     INSERT OR IGNORE INTO meta(key, value) VALUES ('next_id', 1);
+     PRAGMA user_version = 1;
+     COMMIT;";
+
+/// Step 2, consent: pending pairs (`confirmed_at` NULL; the rows of an older database
+/// were all confirmed, so they are, as of when they were made), a sequence number per
+/// pair (a confirmation code covers an address's pairs up to one of them), who asked
+/// for a pending pair, the confirmation emails sent (also the state of their limits),
+/// the opted-out mailboxes, and the server secret for codes and links.
+fn migrate_consent(db: &Connection) -> Result<(), StoreError> {
+    let secret = consent::Secret::generate()
+        .map_err(|e| StoreError(format!("no random bytes for the secret: {e}")))?;
+    let step = || -> Result<(), rusqlite::Error> {
+        db.execute_batch(
+            "ALTER TABLE subscriptions ADD COLUMN confirmed_at INTEGER;
+             ALTER TABLE subscriptions ADD COLUMN seq INTEGER;
+             ALTER TABLE subscriptions ADD COLUMN asked_by TEXT;
+             UPDATE subscriptions SET confirmed_at = created_at, seq = rowid;
+             CREATE INDEX subscriptions_pending ON subscriptions(email, seq) WHERE confirmed_at IS NULL;
+             CREATE INDEX subscriptions_pending_age ON subscriptions(created_at) WHERE confirmed_at IS NULL;
+             INSERT OR REPLACE INTO meta(key, value)
+                 VALUES ('next_seq', (SELECT coalesce(max(seq), 0) + 1 FROM subscriptions));
+             CREATE TABLE confirmations(
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL,
+                 mailbox TEXT NOT NULL, domain TEXT NOT NULL, last_seq INTEGER NOT NULL,
+                 sent_at INTEGER NOT NULL, answered_at INTEGER);
+             CREATE INDEX confirmations_by_email ON confirmations(email);
+             CREATE INDEX confirmations_by_mailbox ON confirmations(mailbox, sent_at);
+             CREATE INDEX confirmations_by_domain ON confirmations(domain, sent_at);
+             CREATE INDEX confirmations_by_time ON confirmations(sent_at);
+             CREATE TABLE optouts(mailbox TEXT PRIMARY KEY, at INTEGER NOT NULL);
+             CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL);",
+        )?;
+        db.execute(
+            "INSERT INTO secrets(name, value) VALUES ('consent', ?1)",
+            params![&secret.as_bytes()[..]],
+        )?;
+        db.execute_batch("PRAGMA user_version = 2")
+    };
+    db.execute_batch("BEGIN").map_err(ctx("begin the consent upgrade"))?;
+    match step() {
+        Ok(()) => db.execute_batch("COMMIT").map_err(ctx("commit the consent upgrade")),
+        Err(e) => {
+            let _ = db.execute_batch("ROLLBACK");
+            Err(StoreError(format!("cannot upgrade the schema to version 2 (consent): {e}")))
+        }
+    }
+}
+
+/// The server secret kept in the database.
+fn load_secret(db: &Connection) -> Result<consent::Secret, StoreError> {
+    let bytes: Vec<u8> = db
+        .query_row("SELECT value FROM secrets WHERE name = 'consent'", [], |r| r.get(0))
+        .map_err(ctx("read the server secret"))?;
+    consent::Secret::from_bytes(&bytes).ok_or_else(|| {
+        StoreError(format!("the server secret is {} bytes, not {}", bytes.len(), consent::SECRET_LEN))
+    })
 }
 
 /// The delay before try number `tries + 1`: `base` doubled for each earlier retry, capped
@@ -160,12 +220,16 @@ pub struct Store {
     db: Connection,
     settings: StoreSettings,
     rng: u64,
+    /// The key of every code and link token.
+    #[allow(dead_code)] // until the consent records use it
+    secret: consent::Secret,
 }
 
 impl Store {
-    /// Wraps an open database.
-    pub fn new(db: Connection, settings: StoreSettings) -> Store {
-        Store { db, settings, rng: jitter_seed() | 1 }
+    /// Wraps a database made or upgraded by [`open`].
+    pub fn new(db: Connection, settings: StoreSettings) -> Result<Store, StoreError> {
+        let secret = load_secret(&db)?;
+        Ok(Store { db, settings, rng: jitter_seed() | 1, secret })
     }
 
     /// Makes emails left leased by a store that died available again. Run at start-up:
@@ -297,10 +361,25 @@ impl Store {
         let mut st = self
             .db
             .prepare_cached(
-                "INSERT INTO subscriptions(email, event, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                "INSERT INTO subscriptions(email, event, created_at, confirmed_at, seq)
+                 VALUES (?1, ?2, ?3, ?3, (SELECT value FROM meta WHERE key = 'next_seq'))
+                 ON CONFLICT DO NOTHING",
             )
             .map_err(ctx("subscribe"))?;
-        st.execute(params![email, event, now]).map_err(ctx("subscribe"))?;
+        if st.execute(params![email, event, now]).map_err(ctx("subscribe"))? == 1 {
+            self.took_seq()?;
+        }
+        Ok(())
+    }
+
+    /// After a new pair took `next_seq`: the next pair gets the next number. Numbers are
+    /// never reused, so a confirmation code never covers a pair made after its email.
+    fn took_seq(&self) -> Result<(), StoreError> {
+        self.db
+            .prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'next_seq'")
+            .map_err(ctx("sequence number"))?
+            .execute([])
+            .map_err(ctx("sequence number"))?;
         Ok(())
     }
 
@@ -521,7 +600,13 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             return 1;
         }
     };
-    let mut store = Store::new(db, settings);
+    let mut store = match Store::new(db, settings) {
+        Ok(store) => store,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
     if let Err(e) = store.release_leases() {
         log::error!("{e}");
         return 1;
@@ -665,7 +750,7 @@ mod tests {
     fn subscribe_publish_queue_and_mail_results() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir.path().join("t.db"), &settings()).unwrap();
-        let mut s = Store::new(db, settings());
+        let mut s = Store::new(db, settings()).unwrap();
         let sub = |req, email: &str, event: &str| ToStore::Subscribe {
             req,
             email: email.into(),
@@ -743,7 +828,7 @@ mod tests {
     fn leases_are_released_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut s = Store::new(open(&path, &settings()).unwrap(), settings());
+        let mut s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
         answers(
             &mut s,
             vec![
@@ -760,7 +845,7 @@ mod tests {
             ],
         );
         drop(s);
-        let s = Store::new(open(&path, &settings()).unwrap(), settings());
+        let s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
         s.release_leases().unwrap();
         let mut s = s;
         let got = answers(&mut s, vec![ToStore::TakeMail { req: 4, max: 5, now: 1 }]);
@@ -771,7 +856,7 @@ mod tests {
     #[test]
     fn list_is_chunked_in_byte_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings()).unwrap();
         // Events whose byte order differs from their insertion order, from a
         // case-insensitive order and from their timestamps' order: punctuation, digits,
         // upper and lower case ("B" < "_" < "a" in bytes).
@@ -802,5 +887,75 @@ mod tests {
             let (end_l, end_e) = ((i + 3).min(listed.len()), (i + 3).min(events.len()));
             panic!("not in byte order at row {i}: {:?}, wanted {:?}", &listed[i..end_l], &events[i..end_e]);
         }
+    }
+
+    /// The schema of notifd before consent (version 1), as its store.rs created it: a
+    /// frozen copy, so this test keeps meaning what it says when the schema moves on.
+    const FROZEN_V1: &str = "BEGIN;
+        CREATE TABLE subscriptions(email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
+        CREATE INDEX subscriptions_by_event ON subscriptions(event, email);
+        CREATE TABLE notifications(id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL,
+            created_at INTEGER NOT NULL);
+        CREATE TABLE outbox(notification_id INTEGER NOT NULL, email TEXT NOT NULL, state TEXT NOT NULL,
+            tries INTEGER NOT NULL DEFAULT 0, next_try_at INTEGER NOT NULL, last_error TEXT,
+            updated_at INTEGER NOT NULL, PRIMARY KEY (notification_id, email));
+        CREATE INDEX outbox_due ON outbox(state, next_try_at);
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta(key, value) VALUES ('next_id', 1);
+        PRAGMA user_version = 1;
+        COMMIT;";
+
+    #[test]
+    fn a_version_1_database_is_upgraded_with_its_rows_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch("PRAGMA journal_mode=WAL").unwrap();
+            old.execute_batch(FROZEN_V1).unwrap();
+            old.execute_batch(
+                "INSERT INTO subscriptions VALUES ('a@x', 'e', 100), ('b@x', 'e', 200), ('a@x', 'f', 300);
+                 INSERT INTO notifications VALUES (7, 'e', 'hi', 150);
+                 INSERT INTO outbox VALUES (7, 'a@x', 'pending', 0, 150, NULL, 150);
+                 UPDATE meta SET value = 1001 WHERE key = 'next_id';",
+            )
+            .unwrap();
+        }
+        let mut s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
+        let version: i64 = s.db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: Vec<(String, String, i64, Option<i64>, i64)> =
+            s.db.prepare(
+                "SELECT email, event, created_at, confirmed_at, seq FROM subscriptions ORDER BY created_at",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 3);
+        for (email, event, created, confirmed, _) in &rows {
+            assert_eq!(*confirmed, Some(*created), "{email} {event} is confirmed as of when it was made");
+        }
+        let mut seqs: Vec<i64> = rows.iter().map(|r| r.4).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 3, "one sequence number per pair");
+        // What was there goes on: the id block, the waiting email, and a new pair comes
+        // after the old ones.
+        let got = answers(&mut s, vec![ToStore::ReserveIds { req: 1, count: 10 }]);
+        assert_eq!(got[0], FromStore::Ids { req: 1, start: 1001, end: 1011 });
+        let got = answers(&mut s, vec![ToStore::TakeMail { req: 2, max: 10, now: 200 }]);
+        let FromStore::Mail { jobs, .. } = &got[0] else { panic!("{got:?}") };
+        assert_eq!((jobs[0].id, jobs[0].email.as_str(), jobs[0].text.as_str()), (7, "a@x", "hi"));
+        s.subscribe("c@x", "e", 400).unwrap();
+        let seq: i64 =
+            s.db.query_row("SELECT seq FROM subscriptions WHERE email = 'c@x'", [], |r| r.get(0)).unwrap();
+        assert!(seq > *seqs.last().unwrap());
+        // A secret was made, and is kept across openings.
+        let secret = s.secret.clone();
+        drop(s);
+        let s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
+        assert_eq!(s.secret, secret);
     }
 }

@@ -89,12 +89,12 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
     store_answered(&d);
     let db = d.db();
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1, "notifd(8): the schema version is 1");
+    assert_eq!(version, 2, "notifd(8): the schema version is 2");
     let columns = |table: &str| -> Vec<String> {
         let mut st = db.prepare(&format!("PRAGMA table_info({table})")).unwrap();
         st.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect()
     };
-    assert_eq!(columns("subscriptions"), ["email", "event", "created_at"]);
+    assert_eq!(columns("subscriptions"), ["email", "event", "created_at", "confirmed_at", "seq", "asked_by"]);
     assert_eq!(columns("notifications"), ["id", "event", "text", "created_at"]);
     assert_eq!(
         columns("outbox"),
