@@ -6,13 +6,17 @@
 //! servers. On EOF from the reactor it finishes the batch in hand and exits.
 
 use crate::consent;
-use crate::ipc::{self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, ToStore};
+use crate::ipc::{
+    self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, Refusal, StoreSettings, ToStore,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+mod pairs;
 
 /// Schema version kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 2;
@@ -153,23 +157,25 @@ const SCHEMA_1: &str = "BEGIN;
      COMMIT;";
 
 /// Step 2, consent: pending pairs (`confirmed_at` NULL; the rows of an older database
-/// were all confirmed, so they are, as of when they were made), a sequence number per
-/// pair (a confirmation code covers an address's pairs up to one of them), who asked
-/// for a pending pair, the confirmation emails sent (also the state of their limits),
-/// the opted-out mailboxes, and the server secret for codes and links.
+/// were all confirmed, so they are, as of when they were made); for each pair an
+/// untrusted SUB made, who asked, when, and its sequence number (a confirmation code
+/// covers an address's pairs up to one of them), beside the contract's subscriptions
+/// table; the confirmation emails sent (also the state of their limits), the opted-out
+/// mailboxes, and the server secret for codes and links.
 fn migrate_consent(db: &Connection) -> Result<(), StoreError> {
     let secret = consent::Secret::generate()
         .map_err(|e| StoreError(format!("no random bytes for the secret: {e}")))?;
     let step = || -> Result<(), rusqlite::Error> {
         db.execute_batch(
             "ALTER TABLE subscriptions ADD COLUMN confirmed_at INTEGER;
-             ALTER TABLE subscriptions ADD COLUMN seq INTEGER;
-             ALTER TABLE subscriptions ADD COLUMN asked_by TEXT;
-             UPDATE subscriptions SET confirmed_at = created_at, seq = rowid;
-             CREATE INDEX subscriptions_pending ON subscriptions(email, seq) WHERE confirmed_at IS NULL;
+             UPDATE subscriptions SET confirmed_at = created_at;
+             CREATE INDEX subscriptions_pending ON subscriptions(email) WHERE confirmed_at IS NULL;
              CREATE INDEX subscriptions_pending_age ON subscriptions(created_at) WHERE confirmed_at IS NULL;
-             INSERT OR REPLACE INTO meta(key, value)
-                 VALUES ('next_seq', (SELECT coalesce(max(seq), 0) + 1 FROM subscriptions));
+             CREATE TABLE asked(
+                 email TEXT NOT NULL, event TEXT NOT NULL, seq INTEGER NOT NULL,
+                 asked_by TEXT NOT NULL, asked_at INTEGER NOT NULL, PRIMARY KEY (email, event));
+             CREATE INDEX asked_by_seq ON asked(email, seq);
+             INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', 1);
              CREATE TABLE confirmations(
                  id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL,
                  mailbox TEXT NOT NULL, domain TEXT NOT NULL, last_seq INTEGER NOT NULL,
@@ -178,6 +184,7 @@ fn migrate_consent(db: &Connection) -> Result<(), StoreError> {
              CREATE INDEX confirmations_by_mailbox ON confirmations(mailbox, sent_at);
              CREATE INDEX confirmations_by_domain ON confirmations(domain, sent_at);
              CREATE INDEX confirmations_by_time ON confirmations(sent_at);
+             CREATE INDEX outbox_by_email ON outbox(email, state);
              CREATE TABLE optouts(mailbox TEXT PRIMARY KEY, at INTEGER NOT NULL);
              CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL);",
         )?;
@@ -221,15 +228,29 @@ pub struct Store {
     settings: StoreSettings,
     rng: u64,
     /// The key of every code and link token.
-    #[allow(dead_code)] // until the consent records use it
     secret: consent::Secret,
+    /// Pending pairs in the database, when known (forgotten when a transaction fails).
+    pending_total: Option<u64>,
+    /// Pending pairs may wait for a confirmation email that a limit held back.
+    confirmations_waiting: bool,
+    /// When those were last looked for (Unix seconds).
+    last_confirm_scan: i64,
 }
 
 impl Store {
     /// Wraps a database made or upgraded by [`open`].
     pub fn new(db: Connection, settings: StoreSettings) -> Result<Store, StoreError> {
         let secret = load_secret(&db)?;
-        Ok(Store { db, settings, rng: jitter_seed() | 1, secret })
+        Ok(Store {
+            db,
+            settings,
+            rng: jitter_seed() | 1,
+            secret,
+            pending_total: None,
+            // A store that starts does not know what its predecessor held back.
+            confirmations_waiting: true,
+            last_confirm_scan: i64::MIN,
+        })
     }
 
     /// Makes emails left leased by a store that died available again. Run at start-up:
@@ -279,6 +300,7 @@ impl Store {
             }
             Err(e) => {
                 log::warn!("batch of {} requests failed: {e}", batch.len());
+                self.pending_total = None;
                 for r in batch.iter_mut() {
                     if let Some(&mut req) = r.req_mut() {
                         ipc::encode(&FromStore::Failed { req, reason: e.to_string() }, out);
@@ -312,14 +334,19 @@ impl Store {
     fn dispatch(&mut self, r: &ToStore, answers: &mut Vec<FromStore>) -> Result<(), StoreError> {
         match r {
             ToStore::Hello { .. } => Ok(()),
-            ToStore::Subscribe { req, email, event, now } => {
+            ToStore::Subscribe { req, email, event, now, trusted: true, .. } => {
                 self.subscribe(email, event, *now)?;
                 answers.push(FromStore::Done { req: *req });
                 Ok(())
             }
-            ToStore::Unsubscribe { req, email, event } => {
-                self.unsubscribe(email, event)?;
-                answers.push(FromStore::Done { req: *req });
+            ToStore::Subscribe { req, email, event, now, trusted: false, client } => {
+                let refused = self.subscribe_pending(email, event, *now, client)?;
+                answers.push(done_or_refused(*req, refused));
+                Ok(())
+            }
+            ToStore::Unsubscribe { req, email, event, trusted, code } => {
+                let refused = self.unsubscribe(email, event, *trusted, code.as_deref())?;
+                answers.push(done_or_refused(*req, refused));
                 Ok(())
             }
             ToStore::Publish { req, id, event, text, now, mail } => {
@@ -345,6 +372,24 @@ impl Store {
             }
             // Taken out of the batch by `apply`.
             ToStore::Configure(_) | ToStore::Logging(_) => Ok(()),
+            ToStore::ListPairs { req, email } => self.list_pairs(*req, email, answers),
+            ToStore::Confirm { req, email, code, now } => {
+                answers.push(match self.confirm(email, code, *now)? {
+                    Ok(count) => FromStore::Confirmed { req: *req, count },
+                    Err(why) => FromStore::Refused { req: *req, why },
+                });
+                Ok(())
+            }
+            ToStore::OptOut { req, email, code, now } => {
+                let refused = self.opt_out_with_code(email, code, *now)?;
+                answers.push(done_or_refused(*req, refused));
+                Ok(())
+            }
+            ToStore::OpenLink { req, token, action, now } => {
+                let page = self.open_link(token, *action, *now)?;
+                answers.push(FromStore::LinkPage { req: *req, page });
+                Ok(())
+            }
         }
     }
 
@@ -354,41 +399,6 @@ impl Store {
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into()))
             .map_err(ctx("busy_timeout"))?;
         self.settings = settings.clone();
-        Ok(())
-    }
-
-    fn subscribe(&self, email: &str, event: &str, now: i64) -> Result<(), StoreError> {
-        let mut st = self
-            .db
-            .prepare_cached(
-                "INSERT INTO subscriptions(email, event, created_at, confirmed_at, seq)
-                 VALUES (?1, ?2, ?3, ?3, (SELECT value FROM meta WHERE key = 'next_seq'))
-                 ON CONFLICT DO NOTHING",
-            )
-            .map_err(ctx("subscribe"))?;
-        if st.execute(params![email, event, now]).map_err(ctx("subscribe"))? == 1 {
-            self.took_seq()?;
-        }
-        Ok(())
-    }
-
-    /// After a new pair took `next_seq`: the next pair gets the next number. Numbers are
-    /// never reused, so a confirmation code never covers a pair made after its email.
-    fn took_seq(&self) -> Result<(), StoreError> {
-        self.db
-            .prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'next_seq'")
-            .map_err(ctx("sequence number"))?
-            .execute([])
-            .map_err(ctx("sequence number"))?;
-        Ok(())
-    }
-
-    fn unsubscribe(&self, email: &str, event: &str) -> Result<(), StoreError> {
-        let mut st = self
-            .db
-            .prepare_cached("DELETE FROM subscriptions WHERE email = ?1 AND event = ?2")
-            .map_err(ctx("unsubscribe"))?;
-        st.execute(params![email, event]).map_err(ctx("unsubscribe"))?;
         Ok(())
     }
 
@@ -409,7 +419,8 @@ impl Store {
             .db
             .prepare_cached(
                 "INSERT INTO outbox(notification_id, email, state, tries, next_try_at, updated_at)
-                 SELECT ?1, email, 'pending', 0, ?2, ?2 FROM subscriptions WHERE event = ?3
+                 SELECT ?1, email, 'pending', 0, ?2, ?2 FROM subscriptions
+                 WHERE event = ?3 AND confirmed_at IS NOT NULL
                  ON CONFLICT DO NOTHING",
             )
             .map_err(ctx("queue emails"))?;
@@ -456,34 +467,43 @@ impl Store {
         Ok((start, end))
     }
 
-    fn take_mail(&self, max: u32, now: i64) -> Result<(Vec<MailJob>, Option<i64>), StoreError> {
+    fn take_mail(&mut self, max: u32, now: i64) -> Result<(Vec<MailJob>, Option<i64>), StoreError> {
+        let rescan = self.queue_waiting_confirmations(now)?;
         let mut jobs = Vec::new();
         if max > 0 {
-            let mut st = self
+            type Row = (i64, String, Option<String>, Option<String>, Option<i64>, u32);
+            let rows: Vec<Row> = self
                 .db
                 .prepare_cached(
                     "SELECT o.notification_id, o.email, n.event, n.text, n.created_at, o.tries
-                     FROM outbox o JOIN notifications n ON n.id = o.notification_id
+                     FROM outbox o LEFT JOIN notifications n ON n.id = o.notification_id
                      WHERE o.state = 'pending' AND o.next_try_at <= ?1
                      ORDER BY o.next_try_at, o.notification_id LIMIT ?2",
                 )
-                .map_err(ctx("take mail"))?;
-            let rows = st
+                .map_err(ctx("take mail"))?
                 .query_map(params![now, max], |r| {
-                    Ok(MailJob {
-                        id: r.get::<_, i64>(0)? as u64,
-                        email: r.get(1)?,
-                        event: r.get(2)?,
-                        text: r.get(3)?,
-                        created_at: r.get(4)?,
-                        tries: r.get(5)?,
-                    })
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })
+                .map_err(ctx("take mail"))?
+                .collect::<Result<_, _>>()
                 .map_err(ctx("take mail"))?;
             // The answer must fit in one frame: stop at BATCH_BYTES; the rest is taken next.
             let mut size = 0;
-            for job in rows {
-                let job = job.map_err(ctx("take mail"))?;
+            let mut nothing_to_send = Vec::new();
+            for (id, email, event, text, created_at, tries) in rows {
+                let id = id as u64;
+                let job = if id & ipc::CONFIRMATION_IDS != 0 {
+                    self.confirmation_job(id & !ipc::CONFIRMATION_IDS, &email, tries)?
+                } else if let (Some(event), Some(text), Some(created_at)) = (event, text, created_at) {
+                    let kind = self.notification_kind(&email, &event);
+                    Some(MailJob { id, email: email.clone(), event, text, created_at, tries, kind })
+                } else {
+                    None
+                };
+                let Some(job) = job else {
+                    nothing_to_send.push((id, email));
+                    continue;
+                };
                 size += job.size();
                 jobs.push(job);
                 if size >= ipc::BATCH_BYTES {
@@ -499,6 +519,14 @@ impl Store {
             for j in &jobs {
                 lease.execute(params![j.id as i64, j.email]).map_err(ctx("lease mail"))?;
             }
+            // A confirmation whose pairs were all answered or removed since it was queued.
+            let mut forget = self
+                .db
+                .prepare_cached("DELETE FROM outbox WHERE notification_id = ?1 AND email = ?2")
+                .map_err(ctx("drop mail"))?;
+            for (id, email) in &nothing_to_send {
+                forget.execute(params![*id as i64, email]).map_err(ctx("drop mail"))?;
+            }
         }
         let next_due: Option<i64> = self
             .db
@@ -506,6 +534,11 @@ impl Store {
             .optional()
             .map_err(ctx("next due email"))?
             .flatten();
+        // Pairs waiting on a limit: the reactor asks again when the store looks again.
+        let next_due = match (next_due, rescan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok((jobs, next_due))
     }
 
@@ -570,6 +603,14 @@ impl Store {
     }
 }
 
+/// `Done`, or `Refused` when the request was refused.
+fn done_or_refused(req: u64, refused: Option<Refusal>) -> FromStore {
+    match refused {
+        None => FromStore::Done { req },
+        Some(why) => FromStore::Refused { req, why },
+    }
+}
+
 /// A seed for the retry jitter that differs between stores and between restarts: the
 /// clock's nanoseconds with the pid in the high bits.
 fn jitter_seed() -> u64 {
@@ -619,6 +660,7 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
         return 1;
     }
     let _ = store.cleanup(ipc::unix_now());
+    let _ = store.expire_pending(ipc::unix_now());
     let mut last_cleanup = Instant::now();
     let mut reader = ipc::FrameReader::default();
     let mut batch = Vec::new();
@@ -680,6 +722,9 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             if let Err(e) = store.cleanup(ipc::unix_now()) {
                 log::warn!("{e}");
             }
+            if let Err(e) = store.expire_pending(ipc::unix_now()) {
+                log::warn!("{e}");
+            }
             last_cleanup = Instant::now();
         }
     }
@@ -703,17 +748,24 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
 mod tests {
     use super::*;
 
-    fn settings() -> StoreSettings {
+    pub(super) fn settings() -> StoreSettings {
         StoreSettings {
             sync_full: true,
             keep_days: 30,
             mail_retry_base: 30,
             mail_max_tries: 3,
             busy_timeout_ms: 1000,
+            confirm_mail: true,
+            confirm_interval: 3600,
+            confirm_days: 7,
+            confirm_domain_rate: 60,
+            confirm_rate: 1000,
+            max_unconfirmed_per_email: 100,
+            max_unconfirmed: 1_000_000,
         }
     }
 
-    fn answers(store: &mut Store, batch: Vec<ToStore>) -> Vec<FromStore> {
+    pub(super) fn answers(store: &mut Store, batch: Vec<ToStore>) -> Vec<FromStore> {
         let mut batch = batch;
         let mut out = Vec::new();
         store.apply(&mut batch, &mut out);
@@ -756,6 +808,8 @@ mod tests {
             email: email.into(),
             event: event.into(),
             now: 100 + req as i64,
+            trusted: true,
+            client: String::new(),
         };
         let got = answers(
             &mut s,
@@ -832,7 +886,14 @@ mod tests {
         answers(
             &mut s,
             vec![
-                ToStore::Subscribe { req: 1, email: "a@x".into(), event: "e".into(), now: 1 },
+                ToStore::Subscribe {
+                    req: 1,
+                    email: "a@x".into(),
+                    event: "e".into(),
+                    now: 1,
+                    trusted: true,
+                    client: String::new(),
+                },
                 ToStore::Publish {
                     req: 2,
                     id: 1,
@@ -871,6 +932,8 @@ mod tests {
                 email: "a@x".into(),
                 event: events[k * 7919 % n].clone(),
                 now: (n - k) as i64,
+                trusted: true,
+                client: String::new(),
             })
             .collect();
         answers(&mut s, batch);
@@ -924,34 +987,29 @@ mod tests {
         let mut s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
         let version: i64 = s.db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        let rows: Vec<(String, String, i64, Option<i64>, i64)> =
-            s.db.prepare(
-                "SELECT email, event, created_at, confirmed_at, seq FROM subscriptions ORDER BY created_at",
-            )
+        let rows: Vec<(String, String, i64, Option<i64>)> = s
+            .db
+            .prepare("SELECT email, event, created_at, confirmed_at FROM subscriptions ORDER BY created_at")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .map(Result::unwrap)
             .collect();
         assert_eq!(rows.len(), 3);
-        for (email, event, created, confirmed, _) in &rows {
+        for (email, event, created, confirmed) in &rows {
             assert_eq!(*confirmed, Some(*created), "{email} {event} is confirmed as of when it was made");
         }
-        let mut seqs: Vec<i64> = rows.iter().map(|r| r.4).collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        assert_eq!(seqs.len(), 3, "one sequence number per pair");
-        // What was there goes on: the id block, the waiting email, and a new pair comes
-        // after the old ones.
+        // What was there goes on: the id block, the waiting email, the pairs.
         let got = answers(&mut s, vec![ToStore::ReserveIds { req: 1, count: 10 }]);
         assert_eq!(got[0], FromStore::Ids { req: 1, start: 1001, end: 1011 });
         let got = answers(&mut s, vec![ToStore::TakeMail { req: 2, max: 10, now: 200 }]);
         let FromStore::Mail { jobs, .. } = &got[0] else { panic!("{got:?}") };
         assert_eq!((jobs[0].id, jobs[0].email.as_str(), jobs[0].text.as_str()), (7, "a@x", "hi"));
-        s.subscribe("c@x", "e", 400).unwrap();
-        let seq: i64 =
-            s.db.query_row("SELECT seq FROM subscriptions WHERE email = 'c@x'", [], |r| r.get(0)).unwrap();
-        assert!(seq > *seqs.last().unwrap());
+        let got = answers(&mut s, vec![ToStore::ListPairs { req: 3, email: "a@x".into() }]);
+        let FromStore::Pairs { rows, .. } = &got[0] else { panic!("{got:?}") };
+        let listed: Vec<(&str, i64, bool)> =
+            rows.iter().map(|r| (r.event.as_str(), r.created_at, r.pending)).collect();
+        assert_eq!(listed, [("e", 100, false), ("f", 300, false)]);
         // A secret was made, and is kept across openings.
         let secret = s.secret.clone();
         drop(s);

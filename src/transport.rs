@@ -684,6 +684,7 @@ fn spool(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::MailKind;
 
     fn job(text: &str) -> MailJob {
         MailJob {
@@ -693,6 +694,7 @@ mod tests {
             text: text.into(),
             created_at: 1_700_000_000,
             tries: 0,
+            kind: MailKind::Notification { unsub_code: "7KQ2-M4XH-9TZB".into(), unsub_token: "TOKEN".into() },
         }
     }
 
@@ -924,6 +926,8 @@ mod tests {
             sendmail_path: "/nonexistent/sendmail".into(),
             spool_dir: "relative/spool".into(),
             sendmail_timeout: 60,
+            public_url: String::new(),
+            server: "notify.example.org:7600".into(),
         };
         assert!(matches!(Mailer::new(&s), Err(MailError::CaCert(_))));
         s.smtp_ca_pem = None;

@@ -94,7 +94,7 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
         let mut st = db.prepare(&format!("PRAGMA table_info({table})")).unwrap();
         st.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect()
     };
-    assert_eq!(columns("subscriptions"), ["email", "event", "created_at", "confirmed_at", "seq", "asked_by"]);
+    assert_eq!(columns("subscriptions"), ["email", "event", "created_at", "confirmed_at"]);
     assert_eq!(columns("notifications"), ["id", "event", "text", "created_at"]);
     assert_eq!(
         columns("outbox"),
