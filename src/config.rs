@@ -144,6 +144,9 @@ pub struct Config {
     pub max_unconfirmed: u64,
     /// `public_url`: the base of the links in emails; empty for no links.
     pub public_url: String,
+    /// The port the listener got (not a key of the file; 0 until bound): what emails
+    /// name when `port` is 0.
+    pub bound_port: u16,
 }
 
 impl Default for Config {
@@ -193,6 +196,7 @@ impl Default for Config {
             max_unconfirmed_per_email: 100,
             max_unconfirmed: 1_000_000,
             public_url: String::new(),
+            bound_port: 0,
         }
     }
 }
@@ -685,10 +689,11 @@ impl Config {
                 .unwrap_or_else(|| "localhost".into()),
             h => h.to_string(),
         });
+        let port = if self.bound_port != 0 { self.bound_port } else { self.port };
         if host.contains(':') {
-            format!("[{host}]:{}", self.port)
+            format!("[{host}]:{port}")
         } else {
-            format!("{host}:{}", self.port)
+            format!("{host}:{port}")
         }
     }
 

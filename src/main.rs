@@ -118,6 +118,7 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     listen::raise_nofile();
     listen::fit_max_clients(&mut cfg);
     let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
+    cfg.bound_port = addr.port();
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     for d in daemon::data_dirs(&cfg, detach) {

@@ -111,8 +111,8 @@ fn three_jobs_arrive_with_their_headers_and_body() {
             text,
             format!(
                 "{t}\n\nEvent: deploy.prod\nNotification: {id}\nPublished: {published}\n\nYou receive \
-                 this because {e} is subscribed to deploy.prod. To stop, send UNSUB deploy.prod {e} to \
-                 the notifd server.\n",
+                 this because {e}\nis subscribed to deploy.prod.\nTo stop it, send this line to the notifd \
+                 server at\nnotify.example.org:7600:\n\nUNSUB deploy.prod {e} 7KQ2-M4XH-9TZB\n",
                 t = job.text,
                 id = job.id,
                 e = job.email

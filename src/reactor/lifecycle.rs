@@ -25,7 +25,8 @@ impl Reactor {
             return;
         };
         let new = match Config::load(&file, false) {
-            Ok(c) => c,
+            // The port the listener holds, for the emails, stays across reloads.
+            Ok(c) => Config { bound_port: self.cfg.bound_port, ..c },
             Err(e) => {
                 log::error!("reload refused, keeping the running configuration: {e}");
                 return;
@@ -223,7 +224,15 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         user,
         pid_file,
         log,
-        log_level
+        log_level,
+        confirm,
+        confirm_interval,
+        confirm_days,
+        confirm_domain_rate,
+        confirm_rate,
+        max_unconfirmed_per_email,
+        max_unconfirmed,
+        public_url
     );
     out
 }
