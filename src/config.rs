@@ -3,7 +3,7 @@
 //! Pure: no I/O but reading the file in [`Config::load`]. Every error names the file and,
 //! where there is one, the line, so an operator can go straight to it.
 
-use crate::ipc::{MailSettings, StoreSettings};
+use crate::ipc::{ConsentLimits, MailSettings, StoreSettings};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -130,18 +130,9 @@ pub struct Config {
     pub sendmail_timeout: u32,
     /// `confirm`: untrusted SUBs store pending pairs that the owner must confirm.
     pub confirm: bool,
-    /// `confirm_interval`: seconds between two confirmation emails to one mailbox.
-    pub confirm_interval: u32,
-    /// `confirm_days`: days a pending pair waits for its confirmation.
-    pub confirm_days: u32,
-    /// `confirm_domain_rate`: confirmation emails per hour to one domain.
-    pub confirm_domain_rate: u32,
-    /// `confirm_rate`: confirmation emails per hour in total.
-    pub confirm_rate: u32,
-    /// `max_unconfirmed_per_email`: pending pairs one address may have.
-    pub max_unconfirmed_per_email: u32,
-    /// `max_unconfirmed`: pending pairs in the whole database.
-    pub max_unconfirmed: u64,
+    /// `confirm_interval`, `confirm_days`, `confirm_domain_rate`, `confirm_rate`,
+    /// `max_unconfirmed_per_email`, `max_unconfirmed`.
+    pub consent: ConsentLimits,
     /// `public_url`: the base of the links in emails; empty for no links.
     pub public_url: String,
     /// The port the listener got (not a key of the file; 0 until bound): what emails
@@ -189,12 +180,7 @@ impl Default for Config {
             publish_token_file: None,
             sendmail_timeout: 60,
             confirm: true,
-            confirm_interval: 3600,
-            confirm_days: 7,
-            confirm_domain_rate: 60,
-            confirm_rate: 1000,
-            max_unconfirmed_per_email: 100,
-            max_unconfirmed: 1_000_000,
+            consent: ConsentLimits::default(),
             public_url: String::new(),
             bound_port: 0,
         }
@@ -373,12 +359,14 @@ impl Config {
             "confirm" => {
                 self.confirm = v.as_bool().ok_or_else(|| format!("\"{key}\" must be true or false"))?
             }
-            "confirm_interval" => self.confirm_interval = int(key, v, 1, 30 * 86_400)? as u32,
-            "confirm_days" => self.confirm_days = int(key, v, 1, 365)? as u32,
-            "confirm_domain_rate" => self.confirm_domain_rate = int(key, v, 0, 1_000_000)? as u32,
-            "confirm_rate" => self.confirm_rate = int(key, v, 0, 10_000_000)? as u32,
-            "max_unconfirmed_per_email" => self.max_unconfirmed_per_email = int(key, v, 1, 1_000_000)? as u32,
-            "max_unconfirmed" => self.max_unconfirmed = int(key, v, 0, 1 << 40)? as u64,
+            "confirm_interval" => self.consent.confirm_interval = int(key, v, 1, 30 * 86_400)? as u32,
+            "confirm_days" => self.consent.confirm_days = int(key, v, 1, 365)? as u32,
+            "confirm_domain_rate" => self.consent.confirm_domain_rate = int(key, v, 0, 1_000_000)? as u32,
+            "confirm_rate" => self.consent.confirm_rate = int(key, v, 0, 10_000_000)? as u32,
+            "max_unconfirmed_per_email" => {
+                self.consent.max_unconfirmed_per_email = int(key, v, 1, 1_000_000)? as u32
+            }
+            "max_unconfirmed" => self.consent.max_unconfirmed = int(key, v, 0, 1 << 40)? as u64,
             "public_url" => self.public_url = public_url(key, &string(key, v)?)?,
             _ => return Err(unknown_key(key)),
         }
@@ -659,12 +647,7 @@ impl Config {
             // before the client gives up on us.
             busy_timeout_ms: (self.store_timeout * 1000 / 2).max(100),
             confirm_mail: self.mail_transport != Transport::None,
-            confirm_interval: self.confirm_interval,
-            confirm_days: self.confirm_days,
-            confirm_domain_rate: self.confirm_domain_rate,
-            confirm_rate: self.confirm_rate,
-            max_unconfirmed_per_email: self.max_unconfirmed_per_email,
-            max_unconfirmed: self.max_unconfirmed,
+            consent: self.consent.clone(),
         }
     }
 
@@ -890,11 +873,16 @@ log_level = "debug"
     fn consent_keys() {
         let d = Config::default();
         assert!(d.confirm);
-        assert_eq!(
-            (d.confirm_interval, d.confirm_days, d.confirm_domain_rate, d.confirm_rate),
-            (3600, 7, 60, 1000)
-        );
-        assert_eq!((d.max_unconfirmed_per_email, d.max_unconfirmed), (100, 1_000_000));
+        // The documented defaults (OPERATIONS.md).
+        let want = ConsentLimits {
+            confirm_interval: 3600,
+            confirm_days: 7,
+            confirm_domain_rate: 60,
+            confirm_rate: 1000,
+            max_unconfirmed_per_email: 100,
+            max_unconfirmed: 1_000_000,
+        };
+        assert_eq!(d.consent, want);
         assert_eq!(d.public_url, "");
         let c = parse(
             "confirm = false\nconfirm_interval = 60\nconfirm_days = 2\nconfirm_domain_rate = 5\n\
@@ -903,11 +891,15 @@ log_level = "debug"
         )
         .unwrap();
         assert!(!c.confirm);
-        assert_eq!(
-            (c.confirm_interval, c.confirm_days, c.confirm_domain_rate, c.confirm_rate),
-            (60, 2, 5, 50)
-        );
-        assert_eq!((c.max_unconfirmed_per_email, c.max_unconfirmed), (3, 10));
+        let want = ConsentLimits {
+            confirm_interval: 60,
+            confirm_days: 2,
+            confirm_domain_rate: 5,
+            confirm_rate: 50,
+            max_unconfirmed_per_email: 3,
+            max_unconfirmed: 10,
+        };
+        assert_eq!(c.consent, want);
         assert_eq!(c.server_name(), "notify.example.com:7601");
         let m = c.mail_settings().unwrap();
         assert_eq!(

@@ -541,6 +541,14 @@ pub struct StoreSettings {
     pub busy_timeout_ms: u32,
     /// Confirmation emails are queued (false when `mail_transport` is `none`).
     pub confirm_mail: bool,
+    /// The limits on pending pairs and confirmation emails.
+    pub consent: ConsentLimits,
+}
+
+/// The limits on pending pairs and confirmation emails: the configuration keys of the
+/// same names, with their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentLimits {
     /// Seconds between two confirmation emails to one mailbox.
     pub confirm_interval: u32,
     /// Days a pending pair waits before it is deleted.
@@ -553,6 +561,19 @@ pub struct StoreSettings {
     pub max_unconfirmed_per_email: u32,
     /// Pending pairs in the database; past it untrusted SUBs of new pairs are refused.
     pub max_unconfirmed: u64,
+}
+
+impl Default for ConsentLimits {
+    fn default() -> Self {
+        ConsentLimits {
+            confirm_interval: 3600,
+            confirm_days: 7,
+            confirm_domain_rate: 60,
+            confirm_rate: 1000,
+            max_unconfirmed_per_email: 100,
+            max_unconfirmed: 1_000_000,
+        }
+    }
 }
 
 /// How the mailer sends, with the secrets the reactor read for it.
@@ -959,12 +980,7 @@ mod tests {
             mail_max_tries: 5,
             busy_timeout_ms: 1000,
             confirm_mail: true,
-            confirm_interval: 3600,
-            confirm_days: 7,
-            confirm_domain_rate: 60,
-            confirm_rate: 1000,
-            max_unconfirmed_per_email: 100,
-            max_unconfirmed: 1_000_000,
+            consent: ConsentLimits::default(),
         };
         let publish =
             |now, mail| ToStore::Publish { req: 3, id: 4, event: "e".into(), text: "t".into(), now, mail };

@@ -756,12 +756,7 @@ mod tests {
             mail_max_tries: 3,
             busy_timeout_ms: 1000,
             confirm_mail: true,
-            confirm_interval: 3600,
-            confirm_days: 7,
-            confirm_domain_rate: 60,
-            confirm_rate: 1000,
-            max_unconfirmed_per_email: 100,
-            max_unconfirmed: 1_000_000,
+            consent: ipc::ConsentLimits::default(),
         }
     }
 

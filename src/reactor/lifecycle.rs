@@ -226,13 +226,18 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         log,
         log_level,
         confirm,
+        public_url
+    );
+    macro_rules! cmp_consent {
+        ($($k:ident),*) => { $( if a.consent.$k != b.consent.$k { out.push(stringify!($k)); } )* };
+    }
+    cmp_consent!(
         confirm_interval,
         confirm_days,
         confirm_domain_rate,
         confirm_rate,
         max_unconfirmed_per_email,
-        max_unconfirmed,
-        public_url
+        max_unconfirmed
     );
     out
 }

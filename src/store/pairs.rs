@@ -92,7 +92,7 @@ impl Store {
         if exists {
             return Ok(None);
         }
-        let max = self.settings.max_unconfirmed;
+        let max = self.settings.consent.max_unconfirmed;
         if self.pending_total()? >= max {
             return Ok(Some(Refusal::Limit(format!(
                 "the server holds its maximum of {max} unconfirmed subscriptions; try again in a day"
@@ -125,7 +125,7 @@ impl Store {
                     ORDER BY a.seq DESC LIMIT -1 OFFSET ?2)",
             )
             .map_err(ctx("max_unconfirmed_per_email"))?
-            .execute(params![email, self.settings.max_unconfirmed_per_email.max(1)])
+            .execute(params![email, self.settings.consent.max_unconfirmed_per_email.max(1)])
             .map_err(ctx("max_unconfirmed_per_email"))?;
         if dropped > 0 {
             self.forget_asked(email)?;
@@ -435,7 +435,7 @@ impl Store {
     /// Queues a confirmation email to `email` for its pending pairs that no earlier one
     /// listed, if the limits allow it now. `false` when pairs wait on a limit.
     fn queue_confirmation(&mut self, email: &str, now: i64) -> Result<bool, StoreError> {
-        let s = &self.settings;
+        let s = &self.settings.consent;
         let (last_listed, newest): (i64, Option<i64>) = self
             .db
             .prepare_cached(
@@ -447,7 +447,7 @@ impl Store {
             .query_row(params![email], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(ctx("confirmation"))?;
         let Some(newest) = newest.filter(|&n| n > last_listed) else { return Ok(true) };
-        if !s.confirm_mail {
+        if !self.settings.confirm_mail {
             // No email can go; the pairs expire.
             return Ok(true);
         }
@@ -597,8 +597,8 @@ impl Store {
     /// Deletes pairs still pending after `confirm_days`, and confirmation emails too old
     /// for their codes to be kept. Its own transaction; run with the cleanup.
     pub fn expire_pending(&mut self, now: i64) -> Result<(), StoreError> {
-        let cutoff = now - days(self.settings.confirm_days);
-        let forgotten = now - CONFIRMATIONS_KEPT * days(self.settings.confirm_days);
+        let cutoff = now - days(self.settings.consent.confirm_days);
+        let forgotten = now - CONFIRMATIONS_KEPT * days(self.settings.consent.confirm_days);
         self.pending_total = None;
         self.db
             .execute_batch(&format!(
@@ -786,9 +786,9 @@ mod tests {
     #[test]
     fn confirmation_limits_per_mailbox_domain_and_total() {
         let mut set = settings();
-        set.confirm_interval = 100;
-        set.confirm_domain_rate = 2;
-        set.confirm_rate = 3;
+        set.consent.confirm_interval = 100;
+        set.consent.confirm_domain_rate = 2;
+        set.consent.confirm_rate = 3;
         let (_d, mut s) = store_with(set);
         let sent = |s: &Store| count(s, "SELECT count(*) FROM confirmations");
         // The same mailbox with other case and a +tag: one email per interval.
@@ -829,7 +829,7 @@ mod tests {
     #[test]
     fn three_unanswered_then_none() {
         let mut set = settings();
-        set.confirm_interval = 10;
+        set.consent.confirm_interval = 10;
         let (_d, mut s) = store_with(set);
         for i in 0..5 {
             one(&mut s, sub(i, "a@x", &format!("e{i}"), i as i64 * 20, false));
@@ -846,8 +846,8 @@ mod tests {
     #[test]
     fn limits_on_pending_pairs() {
         let mut set = settings();
-        set.max_unconfirmed_per_email = 3;
-        set.max_unconfirmed = 5;
+        set.consent.max_unconfirmed_per_email = 3;
+        set.consent.max_unconfirmed = 5;
         let (_d, mut s) = store_with(set);
         for i in 0..5 {
             assert_eq!(
