@@ -557,11 +557,15 @@ impl Store {
                 MailOutcome::Sent => ("sent", now, None),
                 MailOutcome::Retry(why) if tries < self.settings.mail_max_tries => {
                     let delay = retry_delay(self.settings.mail_retry_base, tries, self.jitter());
-                    log::info!("email {} to {}: try {tries} failed, next in {delay} s: {why}", r.id, r.email);
+                    log::info!(
+                        "{} to {}: try {tries} failed, next in {delay} s: {why}",
+                        mail_name(r.id),
+                        r.email
+                    );
                     ("pending", now + delay, Some(why.as_str()))
                 }
                 MailOutcome::Retry(why) | MailOutcome::Fail(why) => {
-                    log::warn!("email {} to {}: given up after {tries} tries: {why}", r.id, r.email);
+                    log::warn!("{} to {}: given up after {tries} tries: {why}", mail_name(r.id), r.email);
                     ("failed", now, Some(why.as_str()))
                 }
             };
@@ -600,6 +604,15 @@ impl Store {
                  COMMIT;"
             ))
             .map_err(ctx("cleanup"))
+    }
+}
+
+/// An email as the log names it: `email 42` for notification 42, `confirmation 7`.
+fn mail_name(id: u64) -> String {
+    if id & ipc::CONFIRMATION_IDS != 0 {
+        format!("confirmation {}", id & !ipc::CONFIRMATION_IDS)
+    } else {
+        format!("email {id}")
     }
 }
 
