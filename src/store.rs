@@ -962,19 +962,7 @@ mod tests {
 
     /// The schema of notifd before consent (version 1), as its store.rs created it: a
     /// frozen copy, so this test keeps meaning what it says when the schema moves on.
-    const FROZEN_V1: &str = "BEGIN;
-        CREATE TABLE subscriptions(email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
-        CREATE INDEX subscriptions_by_event ON subscriptions(event, email);
-        CREATE TABLE notifications(id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL,
-            created_at INTEGER NOT NULL);
-        CREATE TABLE outbox(notification_id INTEGER NOT NULL, email TEXT NOT NULL, state TEXT NOT NULL,
-            tries INTEGER NOT NULL DEFAULT 0, next_try_at INTEGER NOT NULL, last_error TEXT,
-            updated_at INTEGER NOT NULL, PRIMARY KEY (notification_id, email));
-        CREATE INDEX outbox_due ON outbox(state, next_try_at);
-        CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        INSERT INTO meta(key, value) VALUES ('next_id', 1);
-        PRAGMA user_version = 1;
-        COMMIT;";
+    const FROZEN_V1: &str = include_str!("../tests/data/schema-v1.sql");
 
     #[test]
     fn a_version_1_database_is_upgraded_with_its_rows_confirmed() {
