@@ -6,7 +6,7 @@
 //! what is tried again, so a job is reported `Sent` only once a transport took it.
 //!
 //! The message for a job is a pure function of the job and the mail settings (fixed
-//! Date, Message-ID and body; see [`message`]), so a retry sends, or spools, the same
+//! Date, Message-ID and body; see `transport/message.rs`), so a retry sends, or spools, the same
 //! bytes.
 
 use crate::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport, CONFIRMATION_IDS};
