@@ -220,8 +220,10 @@ impl Store {
             .map_err(ctx("unsubscribe"))?;
         self.db
             .prepare_cached(
+                // EXISTS, not IN: a lookup by id for each of the address's waiting emails,
+                // rather than a scan of every kept notification for the event.
                 "DELETE FROM outbox WHERE email = ?1 AND state IN ('pending', 'sending')
-                 AND notification_id IN (SELECT id FROM notifications WHERE event = ?2)",
+                 AND EXISTS (SELECT 1 FROM notifications n WHERE n.id = outbox.notification_id AND n.event = ?2)",
             )
             .map_err(ctx("unsubscribe: waiting emails"))?
             .execute(params![email, event])
