@@ -3,7 +3,7 @@
 //! Pure: no I/O but reading the file in [`Config::load`]. Every error names the file and,
 //! where there is one, the line, so an operator can go straight to it.
 
-use crate::ipc::{MailSettings, StoreSettings};
+use crate::ipc::{ConsentLimits, MailSettings, StoreSettings};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -157,6 +157,16 @@ pub struct Config {
     pub http_port: u16,
     /// HTTP connections held at once; one more is answered 503 and closed.
     pub http_max_clients: u32,
+    /// `confirm`: untrusted SUBs store pending pairs that the owner must confirm.
+    pub confirm: bool,
+    /// `confirm_interval`, `confirm_days`, `confirm_domain_rate`, `confirm_rate`,
+    /// `max_unconfirmed_per_email`, `max_unconfirmed`.
+    pub consent: ConsentLimits,
+    /// `public_url`: the base of the links in emails; empty for no links.
+    pub public_url: String,
+    /// The port the listener got (not a key of the file; 0 until bound): what emails
+    /// name when `port` is 0.
+    pub bound_port: u16,
 }
 
 impl Default for Config {
@@ -210,6 +220,10 @@ impl Default for Config {
             http_host: String::new(),
             http_port: 7680,
             http_max_clients: 256,
+            confirm: true,
+            consent: ConsentLimits::default(),
+            public_url: String::new(),
+            bound_port: 0,
         }
     }
 }
@@ -395,6 +409,18 @@ impl Config {
             "http_host" => self.http_host = string(key, v)?,
             "http_port" => self.http_port = int(key, v, 0, 65535)? as u16,
             "http_max_clients" => self.http_max_clients = int(key, v, 1, 1_000_000)? as u32,
+            "confirm" => {
+                self.confirm = v.as_bool().ok_or_else(|| format!("\"{key}\" must be true or false"))?
+            }
+            "confirm_interval" => self.consent.confirm_interval = int(key, v, 1, 30 * 86_400)? as u32,
+            "confirm_days" => self.consent.confirm_days = int(key, v, 1, 365)? as u32,
+            "confirm_domain_rate" => self.consent.confirm_domain_rate = int(key, v, 0, 1_000_000)? as u32,
+            "confirm_rate" => self.consent.confirm_rate = int(key, v, 0, 10_000_000)? as u32,
+            "max_unconfirmed_per_email" => {
+                self.consent.max_unconfirmed_per_email = int(key, v, 1, 1_000_000)? as u32
+            }
+            "max_unconfirmed" => self.consent.max_unconfirmed = int(key, v, 0, 1 << 40)? as u64,
+            "public_url" => self.public_url = public_url(key, &string(key, v)?)?,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -515,6 +541,14 @@ const KEYS: &[&str] = &[
     "http_host",
     "http_port",
     "http_max_clients",
+    "confirm",
+    "confirm_interval",
+    "confirm_days",
+    "confirm_domain_rate",
+    "confirm_rate",
+    "max_unconfirmed_per_email",
+    "max_unconfirmed",
+    "public_url",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -640,6 +674,29 @@ fn string(key: &str, v: &Value) -> Result<String, String> {
     }
 }
 
+/// A `public_url`: empty, or an `http://` or `https://` URL with a host and nothing a
+/// link or a header could be broken by (spaces, quotes, angle brackets, control
+/// characters).
+fn public_url(key: &str, url: &str) -> Result<String, String> {
+    if url.is_empty() {
+        return Ok(String::new());
+    }
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    let Some(rest) = rest else {
+        return Err(format!("\"{key}\" must start with https:// or http://, not \"{url}\""));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("\"{key}\" has no host: \"{url}\""));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b)) || url.contains(['?', '#'])
+    {
+        return Err(format!(
+            "\"{key}\" must be a plain URL (no spaces, quotes, query or fragment): \"{url}\""
+        ));
+    }
+    Ok(url.to_string())
+}
+
 fn int(key: &str, v: &Value, min: i64, max: i64) -> Result<i64, String> {
     match v {
         Value::Integer(i) if (min..=max).contains(i.value()) => Ok(*i.value()),
@@ -684,6 +741,37 @@ impl Config {
             // Shorter than store_timeout, so a locked database is answered with an error
             // before the client gives up on us.
             busy_timeout_ms: (self.store_timeout * 1000 / 2).max(100),
+            confirm_mail: self.mail_transport != Transport::None,
+            consent: self.consent.clone(),
+        }
+    }
+
+    /// The server as the reader of an email reaches it, `host:port`, for the UNSUB,
+    /// CONFIRM and OPTOUT instructions: the host of `public_url` when it is set, else
+    /// `host` unless it is a wildcard, else this machine's name.
+    pub fn server_name(&self) -> String {
+        let from_url = self
+            .public_url
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+            .map(|authority| authority.rsplit_once('@').map_or(authority, |(_, h)| h))
+            .map(|hostport| match hostport.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or("").to_string(),
+                None => hostport.split(':').next().unwrap_or("").to_string(),
+            })
+            .filter(|h| !h.is_empty());
+        let host = from_url.unwrap_or_else(|| match self.host.as_str() {
+            "" | "::" | "0.0.0.0" => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+            h => h.to_string(),
+        });
+        let port = if self.bound_port != 0 { self.bound_port } else { self.port };
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
         }
     }
 
@@ -712,6 +800,8 @@ impl Config {
             sendmail_path: self.sendmail_path.display().to_string(),
             spool_dir: self.spool_dir.display().to_string(),
             sendmail_timeout: self.sendmail_timeout,
+            public_url: self.public_url.trim_end_matches('/').to_string(),
+            server: self.server_name(),
         })
     }
 }
@@ -871,6 +961,55 @@ log_level = "debug"
             if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
                 assert!(KEYS.contains(&key), "{key} is in notifd.conf.example but not in KEYS");
             }
+        }
+    }
+
+    #[test]
+    fn consent_keys() {
+        let d = Config::default();
+        assert!(d.confirm);
+        // The documented defaults (OPERATIONS.md).
+        let want = ConsentLimits {
+            confirm_interval: 3600,
+            confirm_days: 7,
+            confirm_domain_rate: 60,
+            confirm_rate: 1000,
+            max_unconfirmed_per_email: 100,
+            max_unconfirmed: 1_000_000,
+        };
+        assert_eq!(d.consent, want);
+        assert_eq!(d.public_url, "");
+        let c = parse(
+            "confirm = false\nconfirm_interval = 60\nconfirm_days = 2\nconfirm_domain_rate = 5\n\
+             confirm_rate = 50\nmax_unconfirmed_per_email = 3\nmax_unconfirmed = 10\n\
+             public_url = \"https://notify.example.com/n/\"\nport = 7601\n",
+        )
+        .unwrap();
+        assert!(!c.confirm);
+        let want = ConsentLimits {
+            confirm_interval: 60,
+            confirm_days: 2,
+            confirm_domain_rate: 5,
+            confirm_rate: 50,
+            max_unconfirmed_per_email: 3,
+            max_unconfirmed: 10,
+        };
+        assert_eq!(c.consent, want);
+        assert_eq!(c.server_name(), "notify.example.com:7601");
+        let m = c.mail_settings().unwrap();
+        assert_eq!(
+            (m.public_url.as_str(), m.server.as_str()),
+            ("https://notify.example.com/n", "notify.example.com:7601")
+        );
+        assert_eq!(parse("public_url = \"http://[::1]:8080\"").unwrap().server_name(), "[::1]:7600");
+        assert_eq!(parse("host = \"192.0.2.7\"").unwrap().server_name(), "192.0.2.7:7600");
+        assert!(error("confirm = 1").contains("\"confirm\" must be true or false"));
+        assert!(error("confirm_days = 0").contains("\"confirm_days\" must be from 1"));
+        for bad in
+            ["ftp://x", "https://", "https:///x", "https://a b", "https://x/<y>", "https://x/?a=1", "x.org"]
+        {
+            let e = error(&format!("public_url = \"{bad}\""));
+            assert!(e.contains("public_url"), "{bad}: {e}");
         }
     }
 

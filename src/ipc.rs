@@ -15,8 +15,13 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 
 /// Version of the records below; bumped when a record changes meaning or encoding
-/// (2: `MailSettings::sendmail_timeout`).
-pub const VERSION: u32 = 2;
+/// (2: `MailSettings::sendmail_timeout`; 3: consent: trust on SUB and UNSUB, the
+/// consent settings, `MailJob::kind`, `MailSettings::public_url` and `server`).
+pub const VERSION: u32 = 3;
+
+/// The high bit of a [`MailJob::id`] marks a confirmation email, whose number is the
+/// rest: notification ids stay below 2^63, so the two never share a key.
+pub const CONFIRMATION_IDS: u64 = 1 << 63;
 
 /// Largest frame body either side accepts. A LIST answer is chunked to stay under it,
 /// and batches of emails are cut at [`BATCH_BYTES`].
@@ -35,6 +40,10 @@ pub enum ToStore {
         version: u32,
     },
     /// Upsert a subscription; `now` (Unix seconds) is its timestamp if it is new.
+    /// Trusted: confirmed at once (a pending pair too), and an opt-out is lifted.
+    /// Untrusted: a new pair is stored pending and its confirmation email queued as the
+    /// limits allow; an existing pair is left alone; nothing is stored for an address
+    /// that opted out. Answered `Done`, or `Refused` with `Limit` past `max_unconfirmed`.
     Subscribe {
         /// The request number, echoed in the answer.
         req: u64,
@@ -44,8 +53,14 @@ pub enum ToStore {
         event: String,
         /// Unix seconds now: the timestamp of a new subscription.
         now: i64,
+        /// From a trusted connection (PROTOCOL.md *Trust*), or `confirm = false`.
+        trusted: bool,
+        /// Who asked (the client's address), for the confirmation email; empty if trusted.
+        client: String,
     },
-    /// Delete a subscription (no error when there was none).
+    /// Delete a subscription (no error when there was none): trusted, any; untrusted,
+    /// only a pending one; with `code` (the pair's UNSUB code), any, from anyone, and a
+    /// wrong code is answered `Refused` with `Auth`. The pair's waiting emails go too.
     Unsubscribe {
         /// The request number, echoed in the answer.
         req: u64,
@@ -53,6 +68,10 @@ pub enum ToStore {
         email: String,
         /// The event name.
         event: String,
+        /// From a trusted connection (PROTOCOL.md *Trust*), or `confirm = false`.
+        trusted: bool,
+        /// The UNSUB code from a notification email, as typed.
+        code: Option<String>,
     },
     /// Store a notification and queue its emails as `mail` says. Idempotent by `id`.
     Publish {
@@ -110,6 +129,47 @@ pub enum ToStore {
         /// The request number, echoed in the answer.
         req: u64,
     },
+    /// LIST with each pair's state: answered with `Pairs`.
+    ListPairs {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+    },
+    /// CONFIRM: `Confirmed` with the number of pairs confirmed, or `Refused` (`Auth`).
+    Confirm {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The CONFIRM code, as typed.
+        code: String,
+        /// Unix seconds now: the pairs' confirmation time.
+        now: i64,
+    },
+    /// OPTOUT: `Done`, or `Refused` (`Auth`).
+    OptOut {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The address.
+        email: String,
+        /// The OPTOUT code, as typed.
+        code: String,
+        /// Unix seconds now: when the address opted out.
+        now: i64,
+    },
+    /// A confirm, unsubscribe or stop-all link of the HTTP side: what its page shows,
+    /// and its button's action. Answered with `LinkPage`.
+    OpenLink {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The token from the URL.
+        token: String,
+        /// Show (GET, HEAD), or act (POST).
+        action: LinkAction,
+        /// Unix seconds now.
+        now: i64,
+    },
 }
 
 impl ToStore {
@@ -123,7 +183,11 @@ impl ToStore {
             | ToStore::ReserveIds { req, .. }
             | ToStore::TakeMail { req, .. }
             | ToStore::MailDone { req, .. }
-            | ToStore::Stats { req } => Some(req),
+            | ToStore::Stats { req }
+            | ToStore::ListPairs { req, .. }
+            | ToStore::Confirm { req, .. }
+            | ToStore::OptOut { req, .. }
+            | ToStore::OpenLink { req, .. } => Some(req),
             ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
         }
     }
@@ -184,6 +248,37 @@ pub enum FromStore {
         /// The counts.
         stats: StoreStats,
     },
+    /// The request is refused and changed nothing.
+    Refused {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// Why.
+        why: Refusal,
+    },
+    /// CONFIRM's answer: this many pairs became confirmed (0 when already confirmed or
+    /// expired).
+    Confirmed {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// Pairs confirmed now.
+        count: u32,
+    },
+    /// Part of a `ListPairs` answer, in event byte order; `last` ends it.
+    Pairs {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The rows.
+        rows: Vec<ListRow>,
+        /// This chunk ends the answer.
+        last: bool,
+    },
+    /// `OpenLink`'s answer: `None` for a token this server did not make (a 404).
+    LinkPage {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// What the page shows.
+        page: Option<LinkView>,
+    },
 }
 
 /// What the database counts, as STATS and `/metrics` show it.
@@ -199,6 +294,65 @@ pub struct StoreStats {
     pub emails_sent_total: u64,
     /// Emails given up after their last try, counted likewise.
     pub emails_failed_total: u64,
+}
+
+/// Why the store refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// A wrong code (`-ERR AUTH`).
+    Auth,
+    /// `max_unconfirmed` is reached (`-ERR LIMIT`); the text says so.
+    Limit(String),
+}
+
+/// One stored subscription of an address, for LIST.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRow {
+    /// The event.
+    pub event: String,
+    /// When the pair was first made (Unix seconds).
+    pub created_at: i64,
+    /// Not yet confirmed by the owner of the address.
+    pub pending: bool,
+}
+
+/// What the button of a link's page does, or showing the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkAction {
+    /// GET or HEAD: change nothing.
+    Show,
+    /// POST of the page's button (or RFC 8058's one-click POST): confirm, or unsubscribe.
+    Apply,
+    /// POST with `all=1`: the address opts out of everything.
+    OptOut,
+}
+
+/// Which kind of link a token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkKind {
+    /// A confirmation email's confirm link (`/confirm/<token>`).
+    Confirm,
+    /// A notification email's unsubscribe link (`/unsubscribe/<token>`).
+    Unsubscribe,
+    /// A confirmation email's stop-all link (`/unsubscribe/<token>`).
+    OptOut,
+}
+
+/// What a link's page shows, after its action if there was one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkView {
+    /// The kind of link the token is; the HTTP side answers 404 when it is not the
+    /// path's.
+    pub kind: LinkKind,
+    /// The address.
+    pub email: String,
+    /// Confirm: the pending events the link covers (after Apply, the confirmed ones).
+    /// Unsubscribe: the event, when the pair is stored. OptOut: the stored events.
+    pub events: Vec<String>,
+    /// Pairs changed by this request's action (0 for Show, and for a repeated POST).
+    pub changed: u32,
+    /// The address has opted out of everything.
+    pub opted_out: bool,
 }
 
 /// Reactor → mailer.
@@ -301,13 +455,63 @@ pub struct MailJob {
     pub created_at: i64,
     /// Tries made before this one.
     pub tries: u32,
+    /// A notification or a confirmation, with the codes and tokens that only the store,
+    /// which holds the secret, can make.
+    pub kind: MailKind,
 }
 
 impl MailJob {
     /// About the bytes it takes in a record.
     pub fn size(&self) -> usize {
-        self.email.len() + self.event.len() + self.text.len() + 32
+        let kind = match &self.kind {
+            MailKind::Notification { unsub_code, unsub_token } => unsub_code.len() + unsub_token.len(),
+            MailKind::Confirmation { events, confirm_code, optout_code, confirm_token, optout_token } => {
+                events.iter().map(|e| e.event.len() + e.asked_by.len() + 16).sum::<usize>()
+                    + confirm_code.len()
+                    + optout_code.len()
+                    + confirm_token.len()
+                    + optout_token.len()
+            }
+        };
+        self.email.len() + self.event.len() + self.text.len() + kind + 32
     }
+}
+
+/// What an email is, and what its reader needs to answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailKind {
+    /// A notification of `event`: the job's `id` is the notification id.
+    Notification {
+        /// The UNSUB code of (address, event), printed `XXXX-XXXX-XXXX`.
+        unsub_code: String,
+        /// The token of its unsubscribe link.
+        unsub_token: String,
+    },
+    /// A confirmation email: the job's `id` is its number with [`CONFIRMATION_IDS`] set;
+    /// `event` and `text` are empty, `created_at` is when it was queued.
+    Confirmation {
+        /// The pending pairs it asks about, and who asked for each.
+        events: Vec<AskedPair>,
+        /// The CONFIRM code.
+        confirm_code: String,
+        /// The OPTOUT code.
+        optout_code: String,
+        /// The token of its confirm link.
+        confirm_token: String,
+        /// The token of its stop-all link.
+        optout_token: String,
+    },
+}
+
+/// A pending pair as a confirmation email lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskedPair {
+    /// The event.
+    pub event: String,
+    /// The client address that asked.
+    pub asked_by: String,
+    /// When (Unix seconds).
+    pub asked_at: i64,
 }
 
 /// Cuts `jobs` into batches of at most [`BATCH_BYTES`] (a single larger job stays alone).
@@ -363,6 +567,41 @@ pub struct StoreSettings {
     pub mail_max_tries: u32,
     /// How long the store waits on a locked database before it answers `Failed`.
     pub busy_timeout_ms: u32,
+    /// Confirmation emails are queued (false when `mail_transport` is `none`).
+    pub confirm_mail: bool,
+    /// The limits on pending pairs and confirmation emails.
+    pub consent: ConsentLimits,
+}
+
+/// The limits on pending pairs and confirmation emails: the configuration keys of the
+/// same names, with their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentLimits {
+    /// Seconds between two confirmation emails to one mailbox.
+    pub confirm_interval: u32,
+    /// Days a pending pair waits before it is deleted.
+    pub confirm_days: u32,
+    /// Confirmation emails per hour to one domain.
+    pub confirm_domain_rate: u32,
+    /// Confirmation emails per hour in total.
+    pub confirm_rate: u32,
+    /// Pending pairs one address may have; a new one past it deletes the oldest.
+    pub max_unconfirmed_per_email: u32,
+    /// Pending pairs in the database; past it untrusted SUBs of new pairs are refused.
+    pub max_unconfirmed: u64,
+}
+
+impl Default for ConsentLimits {
+    fn default() -> Self {
+        ConsentLimits {
+            confirm_interval: 3600,
+            confirm_days: 7,
+            confirm_domain_rate: 60,
+            confirm_rate: 1000,
+            max_unconfirmed_per_email: 100,
+            max_unconfirmed: 1_000_000,
+        }
+    }
 }
 
 /// How the mailer sends, with the secrets the reactor read for it.
@@ -390,6 +629,11 @@ pub struct MailSettings {
     pub spool_dir: String,
     /// Seconds one sendmail run may take before it is killed and the email retried.
     pub sendmail_timeout: u32,
+    /// The base of the links in emails (`public_url`); empty: no links.
+    pub public_url: String,
+    /// The notifd server as a reader reaches it (`host:port`), named in the emails'
+    /// instructions for the UNSUB, CONFIRM and OPTOUT lines.
+    pub server: String,
 }
 
 /// A frame that cannot be decoded: the pipe is broken and its child is restarted.
@@ -553,7 +797,14 @@ mod tests {
     fn sample() -> Vec<ToStore> {
         vec![
             ToStore::Hello { version: VERSION },
-            ToStore::Subscribe { req: 1, email: "a@b".into(), event: "e".into(), now: 5 },
+            ToStore::Subscribe {
+                req: 1,
+                email: "a@b".into(),
+                event: "e".into(),
+                now: 5,
+                trusted: false,
+                client: "192.0.2.1".into(),
+            },
             ToStore::Publish {
                 req: u64::MAX,
                 id: 7,
@@ -602,6 +853,7 @@ mod tests {
             text: "x".repeat(60_000),
             created_at: 0,
             tries: 0,
+            kind: notification(),
         };
         let jobs: Vec<MailJob> = (0..100).map(job).collect();
         let cut = batches(jobs.clone());
@@ -670,11 +922,43 @@ mod tests {
             sendmail_path: "s".into(),
             spool_dir: "d".into(),
             sendmail_timeout: 60,
+            public_url: "u".into(),
+            server: "v".into(),
         }
     }
 
+    fn notification() -> MailKind {
+        MailKind::Notification { unsub_code: "c".into(), unsub_token: "k".into() }
+    }
+
     fn job() -> MailJob {
-        MailJob { id: 1, email: "a".into(), event: "e".into(), text: "t".into(), created_at: -1, tries: 2 }
+        MailJob {
+            id: 1,
+            email: "a".into(),
+            event: "e".into(),
+            text: "t".into(),
+            created_at: -1,
+            tries: 2,
+            kind: notification(),
+        }
+    }
+
+    fn confirmation_job() -> MailJob {
+        MailJob {
+            id: CONFIRMATION_IDS | 1,
+            email: "a".into(),
+            event: String::new(),
+            text: String::new(),
+            created_at: 1,
+            tries: 0,
+            kind: MailKind::Confirmation {
+                events: vec![AskedPair { event: "e".into(), asked_by: "b".into(), asked_at: 2 }],
+                confirm_code: "c".into(),
+                optout_code: "o".into(),
+                confirm_token: "k".into(),
+                optout_token: "l".into(),
+            },
+        }
     }
 
     fn result(outcome: MailOutcome) -> MailResult {
@@ -723,16 +1007,55 @@ mod tests {
             mail_retry_base: 60,
             mail_max_tries: 5,
             busy_timeout_ms: 1000,
+            confirm_mail: true,
+            consent: ConsentLimits::default(),
         };
         let publish =
             |now, mail| ToStore::Publish { req: 3, id: 4, event: "e".into(), text: "t".into(), now, mail };
         let samples = [
             (ToStore::Hello { version: 1 }, "0001"),
             (
-                ToStore::Subscribe { req: 1, email: "a@b".into(), event: "e".into(), now: 300 },
-                "0101036140620165d804",
+                ToStore::Subscribe {
+                    req: 1,
+                    email: "a@b".into(),
+                    event: "e".into(),
+                    now: 300,
+                    trusted: true,
+                    client: String::new(),
+                },
+                "0101036140620165d8040100",
             ),
-            (ToStore::Unsubscribe { req: 2, email: "a@b".into(), event: "e".into() }, "0202036140620165"),
+            (
+                ToStore::Subscribe {
+                    req: 1,
+                    email: "a@b".into(),
+                    event: "e".into(),
+                    now: 300,
+                    trusted: false,
+                    client: "c".into(),
+                },
+                "0101036140620165d804000163",
+            ),
+            (
+                ToStore::Unsubscribe {
+                    req: 2,
+                    email: "a@b".into(),
+                    event: "e".into(),
+                    trusted: true,
+                    code: None,
+                },
+                "02020361406201650100",
+            ),
+            (
+                ToStore::Unsubscribe {
+                    req: 2,
+                    email: "a@b".into(),
+                    event: "e".into(),
+                    trusted: false,
+                    code: Some("k".into()),
+                },
+                "02020361406201650001016b",
+            ),
             (publish(-2, MailPlan::Nobody), "030304016501740300"),
             (publish(0, MailPlan::All), "030304016501740001"),
             (publish(0, MailPlan::AllExcept(vec!["x".into()])), "030304016501740002010178"),
@@ -751,7 +1074,7 @@ mod tests {
                 },
                 "0708030301620003016201017203016202016604",
             ),
-            (ToStore::Configure(store), "08011e3c05e807"),
+            (ToStore::Configure(store), "08011e3c05e80701901c073ce80764c0843d"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Off)), "090000"),
             (ToStore::Logging(logging(LogTarget::Syslog, L::Error)), "090101"),
             (ToStore::Logging(logging(LogTarget::File("/l".into()), L::Warn)), "0902022f6c02"),
@@ -759,6 +1082,21 @@ mod tests {
             (ToStore::Logging(logging(LogTarget::Stderr, L::Debug)), "090004"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Trace)), "090005"),
             (ToStore::Stats { req: 9 }, "0a09"),
+            (ToStore::ListPairs { req: 9, email: "a".into() }, "0b090161"),
+            (ToStore::Confirm { req: 10, email: "a".into(), code: "c".into(), now: 3 }, "0c0a0161016306"),
+            (ToStore::OptOut { req: 11, email: "a".into(), code: "c".into(), now: 3 }, "0d0b0161016306"),
+            (
+                ToStore::OpenLink { req: 12, token: "t".into(), action: LinkAction::Show, now: 3 },
+                "0e0c01740006",
+            ),
+            (
+                ToStore::OpenLink { req: 12, token: "t".into(), action: LinkAction::Apply, now: 3 },
+                "0e0c01740106",
+            ),
+            (
+                ToStore::OpenLink { req: 12, token: "t".into(), action: LinkAction::OptOut, now: 3 },
+                "0e0c01740206",
+            ),
         ];
         golden(&samples, |m| {
             use ToStore::*;
@@ -774,7 +1112,11 @@ mod tests {
                 MailDone { .. },
                 Configure(_),
                 Logging(_),
-                Stats { .. }
+                Stats { .. },
+                ListPairs { .. },
+                Confirm { .. },
+                OptOut { .. },
+                OpenLink { .. }
             )
         });
     }
@@ -789,7 +1131,7 @@ mod tests {
             (FromStore::Ids { req: 3, start: 1, end: 10_001 }, "040301914e"),
             (
                 FromStore::Mail { req: 4, jobs: vec![job()], next_due: Some(9) },
-                "0504010101610165017401020112",
+                "050401010161016501740102000163016b0112",
             ),
             (FromStore::Mail { req: 4, jobs: vec![], next_due: None }, "05040000"),
             (
@@ -805,6 +1147,61 @@ mod tests {
                 },
                 "0605010203ac0205",
             ),
+            (
+                FromStore::Mail { req: 4, jobs: vec![confirmation_job()], next_due: None },
+                "05040181808080808080808001016100000200010101650162040163016f016b016c00",
+            ),
+            (FromStore::Refused { req: 5, why: Refusal::Auth }, "070500"),
+            (FromStore::Refused { req: 5, why: Refusal::Limit("l".into()) }, "070501016c"),
+            (FromStore::Confirmed { req: 6, count: 2 }, "080602"),
+            (
+                FromStore::Pairs {
+                    req: 7,
+                    rows: vec![ListRow { event: "e".into(), created_at: 5, pending: true }],
+                    last: true,
+                },
+                "09070101650a0101",
+            ),
+            (FromStore::LinkPage { req: 8, page: None }, "0a0800"),
+            (
+                FromStore::LinkPage {
+                    req: 8,
+                    page: Some(LinkView {
+                        kind: LinkKind::Confirm,
+                        email: "a".into(),
+                        events: vec!["e".into()],
+                        changed: 1,
+                        opted_out: false,
+                    }),
+                },
+                "0a08010001610101650100",
+            ),
+            (
+                FromStore::LinkPage {
+                    req: 8,
+                    page: Some(LinkView {
+                        kind: LinkKind::Unsubscribe,
+                        email: "a".into(),
+                        events: vec![],
+                        changed: 0,
+                        opted_out: true,
+                    }),
+                },
+                "0a0801010161000001",
+            ),
+            (
+                FromStore::LinkPage {
+                    req: 8,
+                    page: Some(LinkView {
+                        kind: LinkKind::OptOut,
+                        email: "a".into(),
+                        events: vec![],
+                        changed: 0,
+                        opted_out: true,
+                    }),
+                },
+                "0a0801020161000001",
+            ),
         ];
         golden(&samples, |m| {
             use FromStore::*;
@@ -816,7 +1213,11 @@ mod tests {
                 ListChunk { .. },
                 Ids { .. },
                 Mail { .. },
-                Stats { .. }
+                Stats { .. },
+                Refused { .. },
+                Confirmed { .. },
+                Pairs { .. },
+                LinkPage { .. }
             )
         });
     }
@@ -827,21 +1228,21 @@ mod tests {
             (ToMailer::Hello { version: 1 }, "0001"),
             (
                 ToMailer::Configure(mail_settings(Transport::Smtp, SmtpTls::None, None)),
-                "010001660168cb04000175017000017301643c",
+                "010001660168cb04000175017000017301643c01750176",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::Sendmail, SmtpTls::Starttls, Some(vec![7]))),
-                "010101660168cb040101750170010107017301643c",
+                "010101660168cb040101750170010107017301643c01750176",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::Spool, SmtpTls::Tls, None)),
-                "010201660168cb04020175017000017301643c",
+                "010201660168cb04020175017000017301643c01750176",
             ),
             (
                 ToMailer::Configure(mail_settings(Transport::None, SmtpTls::None, None)),
-                "010301660168cb04000175017000017301643c",
+                "010301660168cb04000175017000017301643c01750176",
             ),
-            (ToMailer::Send { jobs: vec![job()] }, "0201010161016501740102"),
+            (ToMailer::Send { jobs: vec![job()] }, "0201010161016501740102000163016b"),
             (ToMailer::Logging(logging(LogTarget::Syslog, log::LevelFilter::Info)), "030103"),
         ];
         golden(&samples, |m| {
@@ -886,7 +1287,7 @@ mod tests {
 
         #[test]
         fn encode_then_decode(req in any::<u64>(), email in ".{0,40}", event in "[a-z.]{1,20}", now in any::<i64>()) {
-            let m = ToStore::Subscribe { req, email, event, now };
+            let m = ToStore::Subscribe { req, email, event, now, trusted: false, client: "::1".into() };
             let mut out = Vec::new();
             encode(&m, &mut out);
             let (got, used): (ToStore, usize) = decode(&out).unwrap().unwrap();

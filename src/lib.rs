@@ -5,6 +5,7 @@
 //! children, and [`ipc`] is the records between them.
 //!
 //! - [`config`]: the configuration file, parsed and checked, with every default.
+//! - [`consent`]: codes and link tokens (HMACs with the server secret), mailbox form.
 //! - [`daemon`]: start-up as a daemon: detaching, the pid file, dropping privileges.
 //! - [`ipc`]: the records on the pipes between the reactor and its children, and their
 //!   framing.
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod consent;
 pub mod daemon;
 pub mod http;
 pub mod ipc;

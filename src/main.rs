@@ -123,6 +123,7 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
         "" => None,
         host => Some(listen::bind(host, cfg.http_port).map_err(|e| fatal(format!("http: {e}")))?),
     };
+    cfg.bound_port = addr.port();
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     for d in daemon::data_dirs(&cfg, detach) {

@@ -5,8 +5,9 @@
 //! It owns the outbox, the durable queue of emails. It never talks to clients or mail
 //! servers. On EOF from the reactor it finishes the batch in hand and exits.
 
+use crate::consent;
 use crate::ipc::{
-    self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, StoreSettings, StoreStats, ToStore,
+    self, FromStore, MailJob, MailOutcome, MailPlan, MailResult, Refusal, StoreSettings, StoreStats, ToStore,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
@@ -15,8 +16,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod pairs;
+
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Rows per `ListChunk`, so that a LIST answer never outgrows the frame maximum:
 /// a row is at most 128 + 10 bytes.
@@ -123,7 +126,8 @@ fn set_sync(db: &Connection, full: bool) -> Result<(), StoreError> {
         .map_err(ctx("synchronous"))
 }
 
-/// Creates the schema, or brings an older one forward.
+/// Creates the schema, or brings an older one forward, one numbered step at a time,
+/// each in its own transaction: a fresh database goes through every step.
 fn migrate(db: &Connection) -> Result<(), StoreError> {
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(ctx("user_version"))?;
     if version > SCHEMA_VERSION {
@@ -132,27 +136,88 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
         )));
     }
     if version < 1 {
-        db.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS subscriptions(
-                 email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
-             CREATE INDEX IF NOT EXISTS subscriptions_by_event ON subscriptions(event, email);
-             CREATE TABLE IF NOT EXISTS notifications(
-                 id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL, created_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS outbox(
-                 notification_id INTEGER NOT NULL, email TEXT NOT NULL,
-                 state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0,
-                 next_try_at INTEGER NOT NULL, last_error TEXT, updated_at INTEGER NOT NULL,
-                 PRIMARY KEY (notification_id, email));
-             CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_try_at);
-             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta(key, value) VALUES ('next_id', 1);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )
-        .map_err(ctx("cannot create schema"))?;
+        db.execute_batch(SCHEMA_1).map_err(ctx("cannot create schema"))?;
+    }
+    if version < 2 {
+        migrate_consent(db)?;
     }
     Ok(())
+}
+
+/// Step 1: the first schema.
+const SCHEMA_1: &str = "BEGIN;
+     CREATE TABLE IF NOT EXISTS subscriptions(
+         email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
+     CREATE INDEX IF NOT EXISTS subscriptions_by_event ON subscriptions(event, email);
+     CREATE TABLE IF NOT EXISTS notifications(
+         id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL, created_at INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS outbox(
+         notification_id INTEGER NOT NULL, email TEXT NOT NULL,
+         state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0,
+         next_try_at INTEGER NOT NULL, last_error TEXT, updated_at INTEGER NOT NULL,
+         PRIMARY KEY (notification_id, email));
+     CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_try_at);
+     CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     INSERT OR IGNORE INTO meta(key, value) VALUES ('next_id', 1);
+     PRAGMA user_version = 1;
+     COMMIT;";
+
+/// Step 2, consent: pending pairs (`confirmed_at` NULL; the rows of an older database
+/// were all confirmed, so they are, as of when they were made); for each pair an
+/// untrusted SUB made, who asked, when, and its sequence number (a confirmation code
+/// covers an address's pairs up to one of them), beside the contract's subscriptions
+/// table; the confirmation emails sent (also the state of their limits), the opted-out
+/// mailboxes, and the server secret for codes and links.
+fn migrate_consent(db: &Connection) -> Result<(), StoreError> {
+    let secret = consent::Secret::generate()
+        .map_err(|e| StoreError(format!("no random bytes for the secret: {e}")))?;
+    let step = || -> Result<(), rusqlite::Error> {
+        db.execute_batch(
+            "ALTER TABLE subscriptions ADD COLUMN confirmed_at INTEGER;
+             UPDATE subscriptions SET confirmed_at = created_at;
+             CREATE INDEX subscriptions_pending ON subscriptions(email) WHERE confirmed_at IS NULL;
+             CREATE INDEX subscriptions_pending_age ON subscriptions(created_at) WHERE confirmed_at IS NULL;
+             CREATE TABLE asked(
+                 email TEXT NOT NULL, event TEXT NOT NULL, seq INTEGER NOT NULL,
+                 asked_by TEXT NOT NULL, asked_at INTEGER NOT NULL, PRIMARY KEY (email, event));
+             CREATE INDEX asked_by_seq ON asked(email, seq);
+             INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', 1);
+             CREATE TABLE confirmations(
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL,
+                 mailbox TEXT NOT NULL, domain TEXT NOT NULL, last_seq INTEGER NOT NULL,
+                 sent_at INTEGER NOT NULL, answered_at INTEGER);
+             CREATE INDEX confirmations_by_email ON confirmations(email);
+             CREATE INDEX confirmations_by_mailbox ON confirmations(mailbox, sent_at);
+             CREATE INDEX confirmations_by_domain ON confirmations(domain, sent_at);
+             CREATE INDEX confirmations_by_time ON confirmations(sent_at);
+             CREATE INDEX outbox_by_email ON outbox(email, state);
+             CREATE TABLE optouts(mailbox TEXT PRIMARY KEY, at INTEGER NOT NULL);
+             CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL);",
+        )?;
+        db.execute(
+            "INSERT INTO secrets(name, value) VALUES ('consent', ?1)",
+            params![&secret.as_bytes()[..]],
+        )?;
+        db.execute_batch("PRAGMA user_version = 2")
+    };
+    db.execute_batch("BEGIN").map_err(ctx("begin the consent upgrade"))?;
+    match step() {
+        Ok(()) => db.execute_batch("COMMIT").map_err(ctx("commit the consent upgrade")),
+        Err(e) => {
+            let _ = db.execute_batch("ROLLBACK");
+            Err(StoreError(format!("cannot upgrade the schema to version 2 (consent): {e}")))
+        }
+    }
+}
+
+/// The server secret kept in the database.
+fn load_secret(db: &Connection) -> Result<consent::Secret, StoreError> {
+    let bytes: Vec<u8> = db
+        .query_row("SELECT value FROM secrets WHERE name = 'consent'", [], |r| r.get(0))
+        .map_err(ctx("read the server secret"))?;
+    consent::Secret::from_bytes(&bytes).ok_or_else(|| {
+        StoreError(format!("the server secret is {} bytes, not {}", bytes.len(), consent::SECRET_LEN))
+    })
 }
 
 /// The delay before try number `tries + 1`: `base` doubled for each earlier retry, capped
@@ -168,12 +233,30 @@ pub struct Store {
     db: Connection,
     settings: StoreSettings,
     rng: u64,
+    /// The key of every code and link token.
+    secret: consent::Secret,
+    /// Pending pairs in the database, when known (forgotten when a transaction fails).
+    pending_total: Option<u64>,
+    /// Pending pairs may wait for a confirmation email that a limit held back.
+    confirmations_waiting: bool,
+    /// When those were last looked for (Unix seconds).
+    last_confirm_scan: i64,
 }
 
 impl Store {
-    /// Wraps an open database.
-    pub fn new(db: Connection, settings: StoreSettings) -> Store {
-        Store { db, settings, rng: jitter_seed() | 1 }
+    /// Wraps a database made or upgraded by [`open`].
+    pub fn new(db: Connection, settings: StoreSettings) -> Result<Store, StoreError> {
+        let secret = load_secret(&db)?;
+        Ok(Store {
+            db,
+            settings,
+            rng: jitter_seed() | 1,
+            secret,
+            pending_total: None,
+            // A store that starts does not know what its predecessor held back.
+            confirmations_waiting: true,
+            last_confirm_scan: i64::MIN,
+        })
     }
 
     /// Makes emails left leased by a store that died available again. Run at start-up:
@@ -223,6 +306,7 @@ impl Store {
             }
             Err(e) => {
                 log::warn!("batch of {} requests failed: {e}", batch.len());
+                self.pending_total = None;
                 for r in batch.iter_mut() {
                     if let Some(&mut req) = r.req_mut() {
                         ipc::encode(&FromStore::Failed { req, reason: e.to_string() }, out);
@@ -256,14 +340,19 @@ impl Store {
     fn dispatch(&mut self, r: &ToStore, answers: &mut Vec<FromStore>) -> Result<(), StoreError> {
         match r {
             ToStore::Hello { .. } => Ok(()),
-            ToStore::Subscribe { req, email, event, now } => {
+            ToStore::Subscribe { req, email, event, now, trusted: true, .. } => {
                 self.subscribe(email, event, *now)?;
                 answers.push(FromStore::Done { req: *req });
                 Ok(())
             }
-            ToStore::Unsubscribe { req, email, event } => {
-                self.unsubscribe(email, event)?;
-                answers.push(FromStore::Done { req: *req });
+            ToStore::Subscribe { req, email, event, now, trusted: false, client } => {
+                let refused = self.subscribe_pending(email, event, *now, client)?;
+                answers.push(done_or_refused(*req, refused));
+                Ok(())
+            }
+            ToStore::Unsubscribe { req, email, event, trusted, code } => {
+                let refused = self.unsubscribe(email, event, *trusted, code.as_deref())?;
+                answers.push(done_or_refused(*req, refused));
                 Ok(())
             }
             ToStore::Publish { req, id, event, text, now, mail } => {
@@ -293,6 +382,24 @@ impl Store {
                 answers.push(FromStore::Stats { req: *req, stats: self.stats()? });
                 Ok(())
             }
+            ToStore::ListPairs { req, email } => self.list_pairs(*req, email, answers),
+            ToStore::Confirm { req, email, code, now } => {
+                answers.push(match self.confirm(email, code, *now)? {
+                    Ok(count) => FromStore::Confirmed { req: *req, count },
+                    Err(why) => FromStore::Refused { req: *req, why },
+                });
+                Ok(())
+            }
+            ToStore::OptOut { req, email, code, now } => {
+                let refused = self.opt_out_with_code(email, code, *now)?;
+                answers.push(done_or_refused(*req, refused));
+                Ok(())
+            }
+            ToStore::OpenLink { req, token, action, now } => {
+                let page = self.open_link(token, *action, *now)?;
+                answers.push(FromStore::LinkPage { req: *req, page });
+                Ok(())
+            }
         }
     }
 
@@ -302,26 +409,6 @@ impl Store {
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms.into()))
             .map_err(ctx("busy_timeout"))?;
         self.settings = settings.clone();
-        Ok(())
-    }
-
-    fn subscribe(&self, email: &str, event: &str, now: i64) -> Result<(), StoreError> {
-        let mut st = self
-            .db
-            .prepare_cached(
-                "INSERT INTO subscriptions(email, event, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-            )
-            .map_err(ctx("subscribe"))?;
-        st.execute(params![email, event, now]).map_err(ctx("subscribe"))?;
-        Ok(())
-    }
-
-    fn unsubscribe(&self, email: &str, event: &str) -> Result<(), StoreError> {
-        let mut st = self
-            .db
-            .prepare_cached("DELETE FROM subscriptions WHERE email = ?1 AND event = ?2")
-            .map_err(ctx("unsubscribe"))?;
-        st.execute(params![email, event]).map_err(ctx("unsubscribe"))?;
         Ok(())
     }
 
@@ -342,7 +429,8 @@ impl Store {
             .db
             .prepare_cached(
                 "INSERT INTO outbox(notification_id, email, state, tries, next_try_at, updated_at)
-                 SELECT ?1, email, 'pending', 0, ?2, ?2 FROM subscriptions WHERE event = ?3
+                 SELECT ?1, email, 'pending', 0, ?2, ?2 FROM subscriptions
+                 WHERE event = ?3 AND confirmed_at IS NOT NULL
                  ON CONFLICT DO NOTHING",
             )
             .map_err(ctx("queue emails"))?;
@@ -389,34 +477,43 @@ impl Store {
         Ok((start, end))
     }
 
-    fn take_mail(&self, max: u32, now: i64) -> Result<(Vec<MailJob>, Option<i64>), StoreError> {
+    fn take_mail(&mut self, max: u32, now: i64) -> Result<(Vec<MailJob>, Option<i64>), StoreError> {
+        let rescan = self.queue_waiting_confirmations(now)?;
         let mut jobs = Vec::new();
         if max > 0 {
-            let mut st = self
+            type Row = (i64, String, Option<String>, Option<String>, Option<i64>, u32);
+            let rows: Vec<Row> = self
                 .db
                 .prepare_cached(
                     "SELECT o.notification_id, o.email, n.event, n.text, n.created_at, o.tries
-                     FROM outbox o JOIN notifications n ON n.id = o.notification_id
+                     FROM outbox o LEFT JOIN notifications n ON n.id = o.notification_id
                      WHERE o.state = 'pending' AND o.next_try_at <= ?1
                      ORDER BY o.next_try_at, o.notification_id LIMIT ?2",
                 )
-                .map_err(ctx("take mail"))?;
-            let rows = st
+                .map_err(ctx("take mail"))?
                 .query_map(params![now, max], |r| {
-                    Ok(MailJob {
-                        id: r.get::<_, i64>(0)? as u64,
-                        email: r.get(1)?,
-                        event: r.get(2)?,
-                        text: r.get(3)?,
-                        created_at: r.get(4)?,
-                        tries: r.get(5)?,
-                    })
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })
+                .map_err(ctx("take mail"))?
+                .collect::<Result<_, _>>()
                 .map_err(ctx("take mail"))?;
             // The answer must fit in one frame: stop at BATCH_BYTES; the rest is taken next.
             let mut size = 0;
-            for job in rows {
-                let job = job.map_err(ctx("take mail"))?;
+            let mut nothing_to_send = Vec::new();
+            for (id, email, event, text, created_at, tries) in rows {
+                let id = id as u64;
+                let job = if id & ipc::CONFIRMATION_IDS != 0 {
+                    self.confirmation_job(id & !ipc::CONFIRMATION_IDS, &email, tries)?
+                } else if let (Some(event), Some(text), Some(created_at)) = (event, text, created_at) {
+                    let kind = self.notification_kind(&email, &event);
+                    Some(MailJob { id, email: email.clone(), event, text, created_at, tries, kind })
+                } else {
+                    None
+                };
+                let Some(job) = job else {
+                    nothing_to_send.push((id, email));
+                    continue;
+                };
                 size += job.size();
                 jobs.push(job);
                 if size >= ipc::BATCH_BYTES {
@@ -432,6 +529,14 @@ impl Store {
             for j in &jobs {
                 lease.execute(params![j.id as i64, j.email]).map_err(ctx("lease mail"))?;
             }
+            // A confirmation whose pairs were all answered or removed since it was queued.
+            let mut forget = self
+                .db
+                .prepare_cached("DELETE FROM outbox WHERE notification_id = ?1 AND email = ?2")
+                .map_err(ctx("drop mail"))?;
+            for (id, email) in &nothing_to_send {
+                forget.execute(params![*id as i64, email]).map_err(ctx("drop mail"))?;
+            }
         }
         let next_due: Option<i64> = self
             .db
@@ -439,6 +544,11 @@ impl Store {
             .optional()
             .map_err(ctx("next due email"))?
             .flatten();
+        // Pairs waiting on a limit: the reactor asks again when the store looks again.
+        let next_due = match (next_due, rescan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok((jobs, next_due))
     }
 
@@ -461,11 +571,15 @@ impl Store {
                 }
                 MailOutcome::Retry(why) if tries < self.settings.mail_max_tries => {
                     let delay = retry_delay(self.settings.mail_retry_base, tries, self.jitter());
-                    log::info!("email {} to {}: try {tries} failed, next in {delay} s: {why}", r.id, r.email);
+                    log::info!(
+                        "{} to {}: try {tries} failed, next in {delay} s: {why}",
+                        mail_name(r.id),
+                        r.email
+                    );
                     ("pending", now + delay, Some(why.as_str()))
                 }
                 MailOutcome::Retry(why) | MailOutcome::Fail(why) => {
-                    log::warn!("email {} to {}: given up after {tries} tries: {why}", r.id, r.email);
+                    log::warn!("{} to {}: given up after {tries} tries: {why}", mail_name(r.id), r.email);
                     failed += 1;
                     ("failed", now, Some(why.as_str()))
                 }
@@ -546,6 +660,23 @@ impl Store {
     }
 }
 
+/// An email as the log names it: `email 42` for notification 42, `confirmation 7`.
+fn mail_name(id: u64) -> String {
+    if id & ipc::CONFIRMATION_IDS != 0 {
+        format!("confirmation {}", id & !ipc::CONFIRMATION_IDS)
+    } else {
+        format!("email {id}")
+    }
+}
+
+/// `Done`, or `Refused` when the request was refused.
+fn done_or_refused(req: u64, refused: Option<Refusal>) -> FromStore {
+    match refused {
+        None => FromStore::Done { req },
+        Some(why) => FromStore::Refused { req, why },
+    }
+}
+
 /// A seed for the retry jitter that differs between stores and between restarts: the
 /// clock's nanoseconds with the pid in the high bits.
 fn jitter_seed() -> u64 {
@@ -576,7 +707,13 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             return 1;
         }
     };
-    let mut store = Store::new(db, settings);
+    let mut store = match Store::new(db, settings) {
+        Ok(store) => store,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
     if let Err(e) = store.release_leases() {
         log::error!("{e}");
         return 1;
@@ -589,6 +726,7 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
         return 1;
     }
     let _ = store.cleanup(ipc::unix_now());
+    let _ = store.expire_pending(ipc::unix_now());
     let mut last_cleanup = Instant::now();
     let mut reader = ipc::FrameReader::default();
     let mut batch = Vec::new();
@@ -650,6 +788,9 @@ pub fn run(db_path: &Path, settings: StoreSettings, input: OwnedFd, output: Owne
             if let Err(e) = store.cleanup(ipc::unix_now()) {
                 log::warn!("{e}");
             }
+            if let Err(e) = store.expire_pending(ipc::unix_now()) {
+                log::warn!("{e}");
+            }
             last_cleanup = Instant::now();
         }
     }
@@ -673,17 +814,19 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> io::Result<bool> {
 mod tests {
     use super::*;
 
-    fn settings() -> StoreSettings {
+    pub(super) fn settings() -> StoreSettings {
         StoreSettings {
             sync_full: true,
             keep_days: 30,
             mail_retry_base: 30,
             mail_max_tries: 3,
             busy_timeout_ms: 1000,
+            confirm_mail: true,
+            consent: ipc::ConsentLimits::default(),
         }
     }
 
-    fn answers(store: &mut Store, batch: Vec<ToStore>) -> Vec<FromStore> {
+    pub(super) fn answers(store: &mut Store, batch: Vec<ToStore>) -> Vec<FromStore> {
         let mut batch = batch;
         let mut out = Vec::new();
         store.apply(&mut batch, &mut out);
@@ -720,12 +863,14 @@ mod tests {
     fn subscribe_publish_queue_and_mail_results() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir.path().join("t.db"), &settings()).unwrap();
-        let mut s = Store::new(db, settings());
+        let mut s = Store::new(db, settings()).unwrap();
         let sub = |req, email: &str, event: &str| ToStore::Subscribe {
             req,
             email: email.into(),
             event: event.into(),
             now: 100 + req as i64,
+            trusted: true,
+            client: String::new(),
         };
         let got = answers(
             &mut s,
@@ -798,11 +943,18 @@ mod tests {
     fn leases_are_released_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut s = Store::new(open(&path, &settings()).unwrap(), settings());
+        let mut s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
         answers(
             &mut s,
             vec![
-                ToStore::Subscribe { req: 1, email: "a@x".into(), event: "e".into(), now: 1 },
+                ToStore::Subscribe {
+                    req: 1,
+                    email: "a@x".into(),
+                    event: "e".into(),
+                    now: 1,
+                    trusted: true,
+                    client: String::new(),
+                },
                 ToStore::Publish {
                     req: 2,
                     id: 1,
@@ -815,7 +967,7 @@ mod tests {
             ],
         );
         drop(s);
-        let s = Store::new(open(&path, &settings()).unwrap(), settings());
+        let s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
         s.release_leases().unwrap();
         let mut s = s;
         let got = answers(&mut s, vec![ToStore::TakeMail { req: 4, max: 5, now: 1 }]);
@@ -826,7 +978,7 @@ mod tests {
     #[test]
     fn list_is_chunked_in_byte_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings()).unwrap();
         // Events whose byte order differs from their insertion order, from a
         // case-insensitive order and from their timestamps' order: punctuation, digits,
         // upper and lower case ("B" < "_" < "a" in bytes).
@@ -841,6 +993,8 @@ mod tests {
                 email: "a@x".into(),
                 event: events[k * 7919 % n].clone(),
                 now: (n - k) as i64,
+                trusted: true,
+                client: String::new(),
             })
             .collect();
         answers(&mut s, batch);
@@ -862,7 +1016,7 @@ mod tests {
     #[test]
     fn stats_count_rows_and_email_outcomes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings());
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings()).unwrap();
         let stats = |s: &mut Store| {
             let got = answers(s, vec![ToStore::Stats { req: 1 }]);
             let [FromStore::Stats { req: 1, stats }] = got[..] else { panic!("{got:?}") };
@@ -871,7 +1025,14 @@ mod tests {
         assert_eq!(stats(&mut s), StoreStats::default());
         let mut batch: Vec<ToStore> = ["a@x", "b@x", "c@x"]
             .iter()
-            .map(|m| ToStore::Subscribe { req: 2, email: (*m).into(), event: "e".into(), now: 1 })
+            .map(|m| ToStore::Subscribe {
+                req: 2,
+                email: (*m).into(),
+                event: "e".into(),
+                now: 1,
+                trusted: true,
+                client: String::new(),
+            })
             .collect();
         batch.push(ToStore::Publish {
             req: 3,
@@ -903,5 +1064,58 @@ mod tests {
         // Cleanup forgets the rows, not the counts.
         s.cleanup(10_000_000).unwrap();
         assert_eq!(stats(&mut s), want);
+    }
+
+    /// The schema of notifd before consent (version 1), as its store.rs created it: a
+    /// frozen copy, so this test keeps meaning what it says when the schema moves on.
+    const FROZEN_V1: &str = include_str!("../tests/data/schema-v1.sql");
+
+    #[test]
+    fn a_version_1_database_is_upgraded_with_its_rows_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch("PRAGMA journal_mode=WAL").unwrap();
+            old.execute_batch(FROZEN_V1).unwrap();
+            old.execute_batch(
+                "INSERT INTO subscriptions VALUES ('a@x', 'e', 100), ('b@x', 'e', 200), ('a@x', 'f', 300);
+                 INSERT INTO notifications VALUES (7, 'e', 'hi', 150);
+                 INSERT INTO outbox VALUES (7, 'a@x', 'pending', 0, 150, NULL, 150);
+                 UPDATE meta SET value = 1001 WHERE key = 'next_id';",
+            )
+            .unwrap();
+        }
+        let mut s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
+        let version: i64 = s.db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: Vec<(String, String, i64, Option<i64>)> = s
+            .db
+            .prepare("SELECT email, event, created_at, confirmed_at FROM subscriptions ORDER BY created_at")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 3);
+        for (email, event, created, confirmed) in &rows {
+            assert_eq!(*confirmed, Some(*created), "{email} {event} is confirmed as of when it was made");
+        }
+        // What was there goes on: the id block, the waiting email, the pairs.
+        let got = answers(&mut s, vec![ToStore::ReserveIds { req: 1, count: 10 }]);
+        assert_eq!(got[0], FromStore::Ids { req: 1, start: 1001, end: 1011 });
+        let got = answers(&mut s, vec![ToStore::TakeMail { req: 2, max: 10, now: 200 }]);
+        let FromStore::Mail { jobs, .. } = &got[0] else { panic!("{got:?}") };
+        assert_eq!((jobs[0].id, jobs[0].email.as_str(), jobs[0].text.as_str()), (7, "a@x", "hi"));
+        let got = answers(&mut s, vec![ToStore::ListPairs { req: 3, email: "a@x".into() }]);
+        let FromStore::Pairs { rows, .. } = &got[0] else { panic!("{got:?}") };
+        let listed: Vec<(&str, i64, bool)> =
+            rows.iter().map(|r| (r.event.as_str(), r.created_at, r.pending)).collect();
+        assert_eq!(listed, [("e", 100, false), ("f", 300, false)]);
+        // A secret was made, and is kept across openings.
+        let secret = s.secret.clone();
+        drop(s);
+        let s = Store::new(open(&path, &settings()).unwrap(), settings()).unwrap();
+        assert_eq!(s.secret, secret);
     }
 }

@@ -5,12 +5,12 @@
 //! call into this module. It holds no state about jobs; the outbox in the store decides
 //! what is tried again, so a job is reported `Sent` only once a transport took it.
 //!
-//! The message for a job is a pure function of the job and `mail_from` (fixed Date,
-//! Message-ID and body), so a retry sends, or spools, the same bytes.
+//! The message for a job is a pure function of the job and the mail settings (fixed
+//! Date, Message-ID and body; see `transport/message.rs`), so a retry sends, or spools, the same
+//! bytes.
 
-use crate::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport};
-use lettre::address::{Address, Envelope};
-use lettre::message::header::ContentType;
+use crate::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport, CONFIRMATION_IDS};
+use lettre::address::Envelope;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, SmtpConnection, TlsParameters};
@@ -25,7 +25,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+mod message;
+use message::Writer;
 
 /// How long one SMTP connect, command or reply may take before the try counts as failed.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,7 +77,7 @@ impl std::error::Error for MailError {}
 /// Sends jobs with the configured transport. For SMTP it keeps one connection open across
 /// jobs and batches, reconnecting only when the relay dropped it.
 pub struct Mailer {
-    from: Mailbox,
+    writer: Writer,
     sink: Sink,
 }
 
@@ -110,7 +113,7 @@ impl Mailer {
     /// Checks the settings and prepares the transport. Opens no connection: the first
     /// batch does.
     pub fn new(settings: &MailSettings) -> Result<Mailer, MailError> {
-        let from = parse_from(&settings.from)?;
+        let writer = Writer::new(settings)?;
         let sink = match settings.transport {
             Transport::Smtp => Sink::Smtp(Box::new(Relay::new(settings)?)),
             Transport::Sendmail => {
@@ -130,21 +133,21 @@ impl Mailer {
             }
             Transport::None => Sink::Off,
         };
-        Ok(Mailer { from, sink })
+        Ok(Mailer { writer, sink })
     }
 
     /// Sends every job over as few connections as possible and returns exactly one
     /// result per job, in the same order.
     pub fn send_batch(&mut self, jobs: &[MailJob]) -> Vec<MailResult> {
         match &mut self.sink {
-            Sink::Smtp(relay) => relay.send_batch(&self.from, jobs),
+            Sink::Smtp(relay) => relay.send_batch(&self.writer, jobs),
             Sink::Sendmail(sendmail) => {
                 // After one run overran, the rest wait for a later batch rather than
                 // each costing another full timeout on a wedged mail system.
                 let mut hung: Option<String> = None;
                 jobs.iter()
                     .map(|job| {
-                        let outcome = match (&hung, compose(&self.from, job)) {
+                        let outcome = match (&hung, self.writer.compose(job)) {
                             (Some(why), _) => MailOutcome::Retry(one_line(&format!("not tried: {why}"))),
                             (None, Ok(message)) => {
                                 match sendmail.send(message.envelope(), &message.formatted()) {
@@ -170,7 +173,7 @@ impl Mailer {
             Sink::Spool(dir) => jobs
                 .iter()
                 .map(|job| {
-                    let outcome = match compose(&self.from, job) {
+                    let outcome = match self.writer.compose(job) {
                         Ok(message) => match spool(dir, &spool_file_name(job), &message.formatted()) {
                             Ok(()) => MailOutcome::Sent,
                             Err(e) => MailOutcome::Retry(one_line(&format!("spool {}: {e}", dir.display()))),
@@ -237,7 +240,7 @@ impl Relay {
         })
     }
 
-    fn send_batch(&mut self, from: &Mailbox, jobs: &[MailJob]) -> Vec<MailResult> {
+    fn send_batch(&mut self, writer: &Writer, jobs: &[MailJob]) -> Vec<MailResult> {
         let mut results = Vec::with_capacity(jobs.len());
         // A connection kept from the last batch may have been closed by the relay since.
         if let Some(conn) = &mut self.conn {
@@ -247,7 +250,7 @@ impl Relay {
         }
         let timeout = self.timeout;
         for (at, job) in jobs.iter().enumerate() {
-            let message = match compose(from, job) {
+            let message = match writer.compose(job) {
                 Ok(m) => m,
                 Err(e) => {
                     results.push(result(job, MailOutcome::Fail(one_line(&e.to_string()))));
@@ -563,34 +566,9 @@ fn one_line(s: &str) -> String {
 
 // --- the message -----------------------------------------------------------------------
 
-/// The email for `job`, from `from` (a `mail_from` value).
-pub fn build_message(from: &str, job: &MailJob) -> Result<Message, MailError> {
-    compose(&parse_from(from)?, job)
-}
-
-fn compose(from: &Mailbox, job: &MailJob) -> Result<Message, MailError> {
-    let address: Address = job
-        .email
-        .parse()
-        .map_err(|e: lettre::address::AddressError| MailError::Recipient(format!("{:?}: {e}", job.email)))?;
-    if !job.email.is_ascii() {
-        return Err(MailError::Recipient(format!("{:?} is not ASCII", job.email)));
-    }
-    let published = UNIX_EPOCH + Duration::from_secs(job.created_at.max(0) as u64);
-    Message::builder()
-        .from(from.clone())
-        .to(Mailbox::new(None, address))
-        .subject(format!("[notifd] {}", header_text(&job.event)))
-        .date(published)
-        .message_id(Some(message_id(job)))
-        .header(ContentType::TEXT_PLAIN)
-        .body(body_text(job, published))
-        .map_err(|e| MailError::Message(e.to_string()))
-}
-
-/// `<ID.HASH@notifd>`: the same for every try of a job, different for each address.
-fn message_id(job: &MailJob) -> String {
-    format!("<{}.{:016x}@notifd>", job.id, fnv1a(job.email.as_bytes()))
+/// The email for `job` as a mailer with `settings` writes it.
+pub fn build_message(settings: &MailSettings, job: &MailJob) -> Result<Message, MailError> {
+    Writer::new(settings)?.compose(job)
 }
 
 /// FNV-1a, 64 bits: stable across Rust releases and platforms, unlike `DefaultHasher`.
@@ -598,47 +576,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// A value for a header: the protocol already keeps control characters out of events,
-/// but no CR or LF may ever reach a header line.
-fn header_text(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
-}
-
-fn body_text(job: &MailJob, published: SystemTime) -> String {
-    // The text is the client's: line breaks become plain LF (lettre makes them CRLF),
-    // and other control characters but tab become spaces, so no bare CR reaches a relay.
-    let mut text = String::with_capacity(job.text.len());
-    let mut chars = job.text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {
-                if chars.peek() == Some(&'\n') {
-                    chars.next();
-                }
-                text.push('\n');
-            }
-            '\n' | '\t' => text.push(c),
-            c if c.is_control() => text.push(' '),
-            c => text.push(c),
-        }
-    }
-    format!(
-        "{text}\n\n\
-         Event: {event}\n\
-         Notification: {id}\n\
-         Published: {time}\n\n\
-         You receive this because {email} is subscribed to {event}. \
-         To stop, send UNSUB {event} {email} to the notifd server.\n",
-        event = job.event,
-        id = job.id,
-        time = humantime::format_rfc3339_seconds(published),
-        email = job.email,
-    )
-}
-
 // --- the spool -------------------------------------------------------------------------
 
-/// `<id>-<address>.eml`, with every byte of the address outside `[A-Za-z0-9._@+-]`
+/// `<id>-<address>.eml`, or `confirm-<n>-<address>.eml` for a confirmation email, with every byte of the address outside `[A-Za-z0-9._@+-]`
 /// written `%XX`: distinct addresses never share a file, no address leaves the folder,
 /// and no shell metacharacter (`` ` $ | & * ? ``, spaces, quotes) reaches a script that
 /// lists the spool. An address that would make the name too long for a file system is
@@ -662,7 +602,11 @@ pub fn spool_file_name(job: &MailJob) -> String {
         escaped.truncate(cut);
         escaped.push_str(&format!("~{:016x}", fnv1a(job.email.as_bytes())));
     }
-    format!("{}-{escaped}.eml", job.id)
+    if job.id & CONFIRMATION_IDS != 0 {
+        format!("confirm-{}-{escaped}.eml", job.id & !CONFIRMATION_IDS)
+    } else {
+        format!("{}-{escaped}.eml", job.id)
+    }
 }
 
 /// Writes `bytes` to `dir/name` so that no reader ever sees a partial file: a temporary
@@ -686,7 +630,28 @@ fn spool(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::message::message_id;
     use super::*;
+    use crate::ipc::{AskedPair, MailKind};
+
+    /// Spool settings from `from`, with no public_url.
+    fn settings(from: &str) -> MailSettings {
+        MailSettings {
+            transport: Transport::Spool,
+            from: from.into(),
+            smtp_host: "localhost".into(),
+            smtp_port: 25,
+            smtp_tls: SmtpTls::None,
+            smtp_user: String::new(),
+            smtp_password: String::new(),
+            smtp_ca_pem: None,
+            sendmail_path: "/usr/sbin/sendmail".into(),
+            spool_dir: "/var/spool/notifd".into(),
+            sendmail_timeout: 60,
+            public_url: String::new(),
+            server: "notify.example.org:7600".into(),
+        }
+    }
 
     fn job(text: &str) -> MailJob {
         MailJob {
@@ -696,11 +661,52 @@ mod tests {
             text: text.into(),
             created_at: 1_700_000_000,
             tries: 0,
+            kind: MailKind::Notification { unsub_code: "7KQ2-M4XH-9TZB".into(), unsub_token: "TOKEN".into() },
         }
     }
 
     fn formatted(job: &MailJob) -> String {
-        String::from_utf8(build_message("notifd <notifd@example.org>", job).unwrap().formatted()).unwrap()
+        formatted_with("", job)
+    }
+
+    /// With `public_url` set to `url`.
+    fn formatted_with(url: &str, job: &MailJob) -> String {
+        let mut s = settings("notifd <notifd@example.org>");
+        s.public_url = url.into();
+        String::from_utf8(build_message(&s, job).unwrap().formatted()).unwrap()
+    }
+
+    fn confirmation() -> MailJob {
+        MailJob {
+            id: CONFIRMATION_IDS | 9,
+            email: "bo@example.net".into(),
+            event: String::new(),
+            text: String::new(),
+            created_at: 1_700_000_000,
+            tries: 0,
+            kind: MailKind::Confirmation {
+                events: vec![
+                    AskedPair {
+                        event: "orders.shipped".into(),
+                        asked_by: "192.0.2.7".into(),
+                        asked_at: 1_699_999_990,
+                    },
+                    AskedPair {
+                        event: "orders.paid".into(),
+                        asked_by: "2001:db8::1".into(),
+                        asked_at: 1_699_999_999,
+                    },
+                ],
+                confirm_code: "7KQ2-M4XH-9TZB".into(),
+                optout_code: "AAAA-BBBB-CCCC".into(),
+                confirm_token: "CTOKEN".into(),
+                optout_token: "OTOKEN".into(),
+            },
+        }
+    }
+
+    fn decoded_body(raw: &str) -> String {
+        mailparse::parse_mail(raw.as_bytes()).unwrap().get_body().unwrap().replace("\r\n", "\n")
     }
 
     /// The header lines, unfolded, and the body.
@@ -734,17 +740,97 @@ mod tests {
         assert_eq!(header(&headers, "Date"), ["Tue, 14 Nov 2023 22:13:20 +0000"]);
         assert_eq!(header(&headers, "Message-ID"), [message_id(&job(""))]);
         assert_eq!(header(&headers, "Content-Type"), ["text/plain; charset=utf-8"]);
-        // The last line is over 76 characters: lettre picks quoted-printable for it.
-        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["quoted-printable"]);
-        assert!(body.lines().all(|l| l.len() <= 78));
-        let decoded = mailparse::parse_mail(raw.as_bytes()).unwrap().get_body().unwrap();
-        assert_eq!(
-            decoded.replace("\r\n", "\n"),
-            "build 1234 is live\n\nEvent: deploy.prod\nNotification: 42\n\
-             Published: 2023-11-14T22:13:20Z\n\nYou receive this because alice@example.org is \
-             subscribed to deploy.prod. To stop, send UNSUB deploy.prod alice@example.org to the \
-             notifd server.\n"
-        );
+        assert_eq!(header(&headers, "MIME-Version"), ["1.0"]);
+        assert_eq!(header(&headers, "Auto-Submitted"), ["auto-generated"]);
+        assert_eq!(header(&headers, "List-Id"), ["\"deploy.prod\" <deploy.prod.notifd.example.org>"]);
+        // Without public_url: no link, no List-Unsubscribe.
+        assert!(header(&headers, "List-Unsubscribe").is_empty());
+        assert!(header(&headers, "List-Unsubscribe-Post").is_empty());
+        // ASCII with short lines: 7bit, the body as it is.
+        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["7bit"]);
+        assert!(body.lines().all(|l| l.len() <= 76), "{body}");
+        let want = "build 1234 is live\n\nEvent: deploy.prod\nNotification: 42\n\
+                    Published: 2023-11-14T22:13:20Z\n\n\
+                    You receive this because alice@example.org\nis subscribed to deploy.prod.\n\
+                    To stop it, send this line to the notifd server at\nnotify.example.org:7600:\n\n\
+                    UNSUB deploy.prod alice@example.org 7KQ2-M4XH-9TZB\n";
+        assert_eq!(body.replace("\r\n", "\n"), want);
+        assert_eq!(decoded_body(&raw), want);
+    }
+
+    #[test]
+    fn an_https_public_url_gets_one_click_unsubscribe() {
+        let raw = formatted_with("https://notify.example.org/n", &job("x"));
+        let (headers, body) = split(&raw);
+        let url = "https://notify.example.org/n/unsubscribe/TOKEN";
+        assert_eq!(header(&headers, "List-Unsubscribe"), [format!("<{url}>")]);
+        assert_eq!(header(&headers, "List-Unsubscribe-Post"), ["List-Unsubscribe=One-Click"]);
+        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["7bit"]);
+        let lines: Vec<&str> = body.split("\r\n").collect();
+        assert!(lines.contains(&url), "{body}");
+        assert!(lines.contains(&"UNSUB deploy.prod alice@example.org 7KQ2-M4XH-9TZB"), "{body}");
+        // http: the link and List-Unsubscribe, but RFC 8058 is for HTTPS only.
+        let raw = formatted_with("http://notify.example.org", &job("x"));
+        let (headers, body) = split(&raw);
+        assert_eq!(header(&headers, "List-Unsubscribe"), ["<http://notify.example.org/unsubscribe/TOKEN>"]);
+        assert!(header(&headers, "List-Unsubscribe-Post").is_empty());
+        assert!(body.split("\r\n").any(|l| l == "http://notify.example.org/unsubscribe/TOKEN"));
+    }
+
+    #[test]
+    fn long_reply_lines_stay_whole_and_7bit() {
+        // An address and an event at their longest make an UNSUB line of over 300
+        // characters, and a long link: still 7bit (under RFC 5322's 998), not broken.
+        let mut j = job("x");
+        j.email = format!("{}@{}.example.org", "a".repeat(64), "b".repeat(60));
+        j.event = "e".repeat(128);
+        let raw = formatted_with("https://notify.example.org", &j);
+        let (headers, body) = split(&raw);
+        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["7bit"]);
+        let line = format!("UNSUB {} {} 7KQ2-M4XH-9TZB", j.event, j.email);
+        assert!(body.split("\r\n").any(|l| l == line), "{body}");
+        // Non-ASCII text: encoded, and the decoded lines are exact.
+        let mut j = job("Grüße");
+        j.email = format!("{}@example.org", "a".repeat(64));
+        let raw = formatted(&j);
+        let line = format!("UNSUB deploy.prod {} 7KQ2-M4XH-9TZB", j.email);
+        assert!(decoded_body(&raw).lines().any(|l| l == line));
+    }
+
+    #[test]
+    fn a_confirmation_email() {
+        let raw = formatted_with("https://notify.example.org/", &confirmation());
+        let (headers, body) = split(&raw);
+        assert_eq!(header(&headers, "To"), ["bo@example.net"]);
+        assert_eq!(header(&headers, "Subject"), ["[notifd] Confirm notifications of 2 events"]);
+        assert_eq!(header(&headers, "MIME-Version"), ["1.0"]);
+        assert_eq!(header(&headers, "Auto-Submitted"), ["auto-generated"]);
+        assert_eq!(header(&headers, "Message-ID"), [message_id(&confirmation())]);
+        assert!(message_id(&confirmation()).starts_with("<confirm.9."));
+        assert!(header(&headers, "List-Unsubscribe").is_empty(), "nobody is subscribed yet");
+        assert_eq!(header(&headers, "Content-Transfer-Encoding"), ["7bit"]);
+        let body = body.replace("\r\n", "\n");
+        let lines: Vec<&str> = body.lines().collect();
+        for exact in [
+            "CONFIRM bo@example.net 7KQ2-M4XH-9TZB",
+            "OPTOUT bo@example.net AAAA-BBBB-CCCC",
+            "https://notify.example.org/confirm/CTOKEN",
+            "https://notify.example.org/unsubscribe/OTOKEN",
+            "  orders.shipped",
+            "    asked from 192.0.2.7 at 2023-11-14T22:13:10Z",
+            "  orders.paid",
+            "    asked from 2001:db8::1 at 2023-11-14T22:13:19Z",
+        ] {
+            assert!(lines.contains(&exact), "no line {exact:?} in\n{body}");
+        }
+        assert!(body.contains("notify.example.org:7600"), "{body}");
+        assert!(body.contains("ignore this email: that is enough"), "{body}");
+        // Without public_url: the lines, no links.
+        let raw = formatted(&confirmation());
+        assert!(!raw.contains("http"), "{raw}");
+        assert!(raw.contains("\r\nCONFIRM bo@example.net 7KQ2-M4XH-9TZB\r\n"));
+        assert!(raw.contains("\r\nOPTOUT bo@example.net AAAA-BBBB-CCCC\r\n"));
+        assert_eq!(spool_file_name(&confirmation()), "confirm-9-bo@example.net.eml");
     }
 
     #[test]
@@ -791,7 +877,9 @@ mod tests {
                     "Message-ID",
                     "Content-Type",
                     "Content-Transfer-Encoding",
-                    "MIME-Version"
+                    "MIME-Version",
+                    "Auto-Submitted",
+                    "List-Id"
                 ]
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name)),
@@ -809,15 +897,15 @@ mod tests {
     fn an_address_with_crlf_is_refused() {
         let mut j = job("x");
         j.email = "a@b.org\r\nBcc: c@d.org".into();
-        assert!(matches!(build_message("n@x.org", &j), Err(MailError::Recipient(_))));
+        assert!(matches!(build_message(&settings("n@x.org"), &j), Err(MailError::Recipient(_))));
         j.email = "not an address".into();
-        assert!(matches!(build_message("n@x.org", &j), Err(MailError::Recipient(_))));
+        assert!(matches!(build_message(&settings("n@x.org"), &j), Err(MailError::Recipient(_))));
     }
 
     #[test]
     fn bad_from_is_refused() {
-        assert!(matches!(build_message("nobody", &job("x")), Err(MailError::From(_))));
-        assert!(matches!(build_message("a@b\r\nBcc: c@d", &job("x")), Err(MailError::From(_))));
+        assert!(matches!(build_message(&settings("nobody"), &job("x")), Err(MailError::From(_))));
+        assert!(matches!(build_message(&settings("a@b\r\nBcc: c@d"), &job("x")), Err(MailError::From(_))));
     }
 
     #[test]
@@ -850,7 +938,8 @@ mod tests {
         fs::write(&script, "#!/bin/sh\ncat >/dev/null\nexec sleep 60\n").unwrap();
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         let sendmail = Sink::Sendmail(Sendmail { path: script, timeout: Duration::from_secs(1) });
-        let mut mailer = Mailer { from: parse_from("n@example.org").unwrap(), sink: sendmail };
+        let writer = Writer::new(&settings("n@example.org")).unwrap();
+        let mut mailer = Mailer { writer, sink: sendmail };
         let mut second = job("x");
         second.id = 43;
         let started = std::time::Instant::now();
@@ -927,6 +1016,8 @@ mod tests {
             sendmail_path: "/nonexistent/sendmail".into(),
             spool_dir: "relative/spool".into(),
             sendmail_timeout: 60,
+            public_url: String::new(),
+            server: "notify.example.org:7600".into(),
         };
         assert!(matches!(Mailer::new(&s), Err(MailError::CaCert(_))));
         s.smtp_ca_pem = None;

@@ -1,5 +1,6 @@
-//! The database as notifd(8) describes it: its schema and version, what `keep_days`
-//! deletes and what it never does, and `mail_policy = "none"`.
+//! The database as notifd(8) describes it: its schema and version, the upgrade of an
+//! older one, what `keep_days` deletes and what it never does, and
+//! `mail_policy = "none"`.
 
 mod util;
 
@@ -89,12 +90,12 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
     store_answered(&d);
     let db = d.db();
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1, "notifd(8): the schema version is 1");
+    assert_eq!(version, 2, "notifd(8): the schema version is 2");
     let columns = |table: &str| -> Vec<String> {
         let mut st = db.prepare(&format!("PRAGMA table_info({table})")).unwrap();
         st.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect()
     };
-    assert_eq!(columns("subscriptions"), ["email", "event", "created_at"]);
+    assert_eq!(columns("subscriptions"), ["email", "event", "created_at", "confirmed_at"]);
     assert_eq!(columns("notifications"), ["id", "event", "text", "created_at"]);
     assert_eq!(
         columns("outbox"),
@@ -103,6 +104,57 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
     assert_eq!(columns("meta"), ["key", "value"]);
     let mode: String = db.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
+}
+
+#[test]
+fn a_database_made_before_consent_is_upgraded_and_its_subscriptions_stay_confirmed() {
+    // A database file as notifd 0.1 (schema 1) left it, with subscriptions and an email
+    // still waiting.
+    let old = tempfile::tempdir().unwrap();
+    let path = old.path().join("old.db");
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch("PRAGMA journal_mode=WAL").unwrap();
+        db.execute_batch(include_str!("data/schema-v1.sql")).unwrap();
+        db.execute_batch(
+            "INSERT INTO subscriptions VALUES ('ana@example.com', 'ev', 100), ('bo@example.com', 'ev', 200),
+                                              ('ana@example.com', 'other', 300);
+             INSERT INTO notifications VALUES (5, 'ev', 'before', 150);
+             INSERT INTO outbox VALUES (5, 'bo@example.com', 'pending', 0, 4000000000, NULL, 150);
+             UPDATE meta SET value = 11 WHERE key = 'next_id';",
+        )
+        .unwrap();
+    }
+    let d =
+        Daemon::start(&format!("database = {:?}\nmail_transport = \"spool\"", path.display().to_string()));
+    let mut c = d.client();
+    // Trusted (loopback, no publish_token): LIST shows both of ana's pairs as confirmed.
+    c.cmd("LIST ana@example.com");
+    c.expect("SUB ev ana@example.com 1970-01-01T00:01:40Z");
+    c.expect("SUB other ana@example.com 1970-01-01T00:05:00Z");
+    c.expect("+OK LIST 2");
+    // A PUB emails both old subscribers of ev, so both are confirmed; ids go on.
+    c.cmd("PUB ev after");
+    let ok = c.line();
+    let id: i64 = ok.strip_prefix("+OK PUB ").unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(id >= 11, "{ok}");
+    let db =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
+    let mut st = db.prepare("SELECT email FROM outbox WHERE notification_id = ?1 ORDER BY email").unwrap();
+    let to: Vec<String> = st.query_map([id], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert_eq!(to, ["ana@example.com", "bo@example.com"]);
+    let unconfirmed: i64 = db
+        .query_row("SELECT count(*) FROM subscriptions WHERE confirmed_at IS NOT created_at", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(unconfirmed, 0, "every old row is confirmed as of when it was made");
+    // The waiting email is still there.
+    let waiting: i64 =
+        db.query_row("SELECT count(*) FROM outbox WHERE notification_id = 5", [], |r| r.get(0)).unwrap();
+    assert_eq!(waiting, 1);
 }
 
 #[test]

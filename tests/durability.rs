@@ -52,7 +52,8 @@ fn the_row_is_there_when_ok_sub_arrives() {
         [
             ("email".into(), "TEXT".into(), 1),
             ("event".into(), "TEXT".into(), 2),
-            ("created_at".into(), "INTEGER".into(), 0)
+            ("created_at".into(), "INTEGER".into(), 0),
+            ("confirmed_at".into(), "INTEGER".into(), 0)
         ],
         "subscriptions table: {sql}"
     );

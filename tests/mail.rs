@@ -151,11 +151,21 @@ fn created_at(d: &Daemon, id: u64) -> i64 {
     d.db().query_row("SELECT created_at FROM notifications WHERE id = ?1", [id as i64], |r| r.get(0)).unwrap()
 }
 
+/// The UNSUB code of (`to`, `event`), from the secret in the daemon's database.
+fn unsub_code(d: &Daemon, to: &str, event: &str) -> String {
+    let bytes: Vec<u8> =
+        d.db().query_row("SELECT value FROM secrets WHERE name = 'consent'", [], |r| r.get(0)).unwrap();
+    notifd::consent::Secret::from_bytes(&bytes).unwrap().unsub_code(to, event).to_string()
+}
+
 /// One email as notifd must write it: headers, then the body with the text, the event,
-/// the id, the publication time and the UNSUB line.
+/// the id, the publication time and the UNSUB line with a code.
 fn check_email(raw: &[u8], to: &str, event: &str, id: u64, text: &str, published: i64) {
     let mail = mailparse::parse_mail(raw).expect("parseable message");
     assert_eq!(header(&mail, "From"), FROM);
+    assert_eq!(header(&mail, "MIME-Version"), "1.0");
+    assert_eq!(header(&mail, "Auto-Submitted"), "auto-generated");
+    assert!(header(&mail, "List-Id").contains(&format!("<{event}.notifd.")), "{}", header(&mail, "List-Id"));
     assert_eq!(header(&mail, "To"), to);
     assert_eq!(header(&mail, "Subject"), format!("[notifd] {event}"));
     assert_eq!(mailparse::dateparse(&header(&mail, "Date")).unwrap(), published);
@@ -170,13 +180,13 @@ fn check_email(raw: &[u8], to: &str, event: &str, id: u64, text: &str, published
     let time =
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(published as u64));
     assert!(body.contains(&format!("Published: {time}\n")), "{body}");
-    assert!(
-        body.trim_end().ends_with(&format!(
-            "You receive this because {to} is subscribed to {event}. To stop, send UNSUB {event} {to} to the \
-             notifd server."
-        )),
-        "{body}"
-    );
+    // Prose is filled into short lines: compare it with its line breaks as spaces.
+    let prose = body.replace('\n', " ");
+    assert!(prose.contains(&format!("You receive this because {to} is subscribed to {event}.")), "{body}");
+    // The last line: the exact UNSUB line, with a code of the printed form.
+    let last = body.trim_end().lines().last().unwrap();
+    let code = last.strip_prefix(&format!("UNSUB {event} {to} ")).unwrap_or_else(|| panic!("{body}"));
+    assert!(notifd::consent::Code::parse(code).is_some_and(|c| c.to_string() == code), "{body}");
 }
 
 #[test]
@@ -211,6 +221,17 @@ fn three_subscribers_get_one_email_each_and_another_event_none() {
         assert_eq!(r.envelope_from, FROM);
         assert_eq!(r.envelope_to.len(), 1);
         check_email(&r.raw, &r.envelope_to[0], "deploy.prod", id, text, published);
+        // The code is the one the server takes for that pair.
+        let line = format!(
+            "UNSUB deploy.prod {0} {1}",
+            r.envelope_to[0],
+            unsub_code(&d, &r.envelope_to[0], "deploy.prod")
+        );
+        let body = mailparse::parse_mail(&r.raw).unwrap().get_body().unwrap();
+        assert!(body.lines().any(|l| l.trim_end() == line), "no line {line:?} in {body}");
+        // It names the server where that line goes, with the port it listens on.
+        let server = format!("server at 127.0.0.1:{}:", d.port);
+        assert!(body.replace("\r\n", " ").replace('\n', " ").contains(&server), "no {server:?} in {body}");
         to.push(r.envelope_to[0].clone());
     }
     to.sort();

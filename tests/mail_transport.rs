@@ -7,7 +7,7 @@ mod util;
 mod smtp;
 
 use mailparse::{MailHeaderMap, ParsedMail};
-use notifd::ipc::{MailJob, MailOutcome, MailResult, MailSettings, SmtpTls, Transport};
+use notifd::ipc::{MailJob, MailKind, MailOutcome, MailResult, MailSettings, SmtpTls, Transport};
 use notifd::transport::{spool_file_name, Mailer};
 use smtp::{Options, SmtpServer};
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ fn settings(transport: Transport, port: u16) -> MailSettings {
         sendmail_path: "/usr/sbin/sendmail".into(),
         spool_dir: "/nonexistent".into(),
         sendmail_timeout: 60,
+        public_url: String::new(),
+        server: "notify.example.org:7600".into(),
     }
 }
 
@@ -39,6 +41,7 @@ fn job(id: u64, email: &str, text: &str) -> MailJob {
         text: text.into(),
         created_at: 1_700_000_000 + id as i64,
         tries: 0,
+        kind: MailKind::Notification { unsub_code: "7KQ2-M4XH-9TZB".into(), unsub_token: "token".into() },
     }
 }
 
@@ -108,8 +111,8 @@ fn three_jobs_arrive_with_their_headers_and_body() {
             text,
             format!(
                 "{t}\n\nEvent: deploy.prod\nNotification: {id}\nPublished: {published}\n\nYou receive \
-                 this because {e} is subscribed to deploy.prod. To stop, send UNSUB deploy.prod {e} to \
-                 the notifd server.\n",
+                 this because {e}\nis subscribed to deploy.prod.\nTo stop it, send this line to the notifd \
+                 server at\nnotify.example.org:7600:\n\nUNSUB deploy.prod {e} 7KQ2-M4XH-9TZB\n",
                 t = job.text,
                 id = job.id,
                 e = job.email

@@ -76,7 +76,15 @@ impl Reactor {
         let now = crate::ipc::unix_now();
         self.store_request(
             key,
-            |req| ToStore::Subscribe { req, email: email.into(), event: event.into(), now },
+            // Trusted until the consent work in the reactor decides per connection.
+            |req| ToStore::Subscribe {
+                req,
+                email: email.into(),
+                event: event.into(),
+                now,
+                trusted: true,
+                client: String::new(),
+            },
             0,
         );
     }
@@ -93,7 +101,13 @@ impl Reactor {
         }
         self.store_request(
             key,
-            |req| ToStore::Unsubscribe { req, email: email.into(), event: event.into() },
+            |req| ToStore::Unsubscribe {
+                req,
+                email: email.into(),
+                event: event.into(),
+                trusted: true,
+                code: None,
+            },
             0,
         );
     }

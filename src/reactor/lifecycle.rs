@@ -25,7 +25,8 @@ impl Reactor {
             return;
         };
         let new = match Config::load(&file, false) {
-            Ok(c) => c,
+            // The port the listener holds, for the emails, stays across reloads.
+            Ok(c) => Config { bound_port: self.cfg.bound_port, ..c },
             Err(e) => {
                 log::error!("reload refused, keeping the running configuration: {e}");
                 return;
@@ -233,7 +234,20 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         auth_fail_limit,
         http_host,
         http_port,
-        http_max_clients
+        http_max_clients,
+        confirm,
+        public_url
+    );
+    macro_rules! cmp_consent {
+        ($($k:ident),*) => { $( if a.consent.$k != b.consent.$k { out.push(stringify!($k)); } )* };
+    }
+    cmp_consent!(
+        confirm_interval,
+        confirm_days,
+        confirm_domain_rate,
+        confirm_rate,
+        max_unconfirmed_per_email,
+        max_unconfirmed
     );
     out
 }

@@ -197,6 +197,15 @@ impl Reactor {
                 self.got_mail(jobs, next_due);
             }
             FromStore::Stats { req, stats } => self.stats_answer(req, &stats),
+            // Answers to consent requests, which this reactor does not send yet.
+            FromStore::Refused { req, .. }
+            | FromStore::Confirmed { req, .. }
+            | FromStore::Pairs { req, .. }
+            | FromStore::LinkPage { req, .. } => {
+                if let Some(r) = self.store.pending.remove(&req) {
+                    self.fail_reply(&r.target, "unexpected answer from the store");
+                }
+            }
         }
         Ok(())
     }
@@ -235,7 +244,11 @@ impl Reactor {
                     | ToStore::TakeMail { .. }
                     | ToStore::MailDone { .. }
                     | ToStore::Configure(_)
-                    | ToStore::Logging(_) => {
+                    | ToStore::Logging(_)
+                    | ToStore::ListPairs { .. }
+                    | ToStore::Confirm { .. }
+                    | ToStore::OptOut { .. }
+                    | ToStore::OpenLink { .. } => {
                         protocol::err(out, Code::Unavailable, "unexpected answer from the store")
                     }
                 });
