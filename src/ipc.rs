@@ -15,8 +15,8 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 
 /// Version of the records below; bumped when a record changes meaning or encoding
-/// (2: `MailSettings::sendmail_timeout`).
-pub const VERSION: u32 = 2;
+/// (2: `MailSettings::sendmail_timeout`; 3: `ToStore::Replay`, `FromStore::Replayed`).
+pub const VERSION: u32 = 3;
 
 /// Largest frame body either side accepts. A LIST answer is chunked to stay under it,
 /// and batches of emails are cut at [`BATCH_BYTES`].
@@ -105,6 +105,21 @@ pub enum ToStore {
     Configure(StoreSettings),
     /// Where to log, after a reload (the log file is reopened even when unchanged).
     Logging(LogSettings),
+    /// One part of a replay: the notifications of `event` with an id above `after`,
+    /// oldest first, at most `max_rows` of them and about `max_bytes` of text (at least
+    /// one row); answered with `Replayed`.
+    Replay {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The event name.
+        event: String,
+        /// Only ids above this one.
+        after: u64,
+        /// At most this many rows.
+        max_rows: u32,
+        /// Stop once the texts add up to this many bytes.
+        max_bytes: u32,
+    },
 }
 
 impl ToStore {
@@ -117,7 +132,8 @@ impl ToStore {
             | ToStore::List { req, .. }
             | ToStore::ReserveIds { req, .. }
             | ToStore::TakeMail { req, .. }
-            | ToStore::MailDone { req, .. } => Some(req),
+            | ToStore::MailDone { req, .. }
+            | ToStore::Replay { req, .. } => Some(req),
             ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
         }
     }
@@ -170,6 +186,17 @@ pub enum FromStore {
         jobs: Vec<MailJob>,
         /// When the next pending email falls due (Unix seconds); `None` when none is pending.
         next_due: Option<i64>,
+    },
+    /// One part of a replay: `(id, text)` rows in id order.
+    Replayed {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// `(id, text)` rows, oldest first.
+        rows: Vec<(u64, String)>,
+        /// The highest notification id `keep_days` ever deleted (0: none), for `GAP`.
+        deleted: u64,
+        /// The part was cut short (`max_rows` or `max_bytes`): ask for the next.
+        more: bool,
     },
 }
 
@@ -730,6 +757,10 @@ mod tests {
             (ToStore::Logging(logging(LogTarget::Stderr, L::Info)), "090003"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Debug)), "090004"),
             (ToStore::Logging(logging(LogTarget::Stderr, L::Trace)), "090005"),
+            (
+                ToStore::Replay { req: 9, event: "e".into(), after: 300, max_rows: 2, max_bytes: 128 },
+                "0a090165ac02028001",
+            ),
         ];
         golden(&samples, |m| {
             use ToStore::*;
@@ -744,7 +775,8 @@ mod tests {
                 TakeMail { .. },
                 MailDone { .. },
                 Configure(_),
-                Logging(_)
+                Logging(_),
+                Replay { .. }
             )
         });
     }
@@ -762,6 +794,10 @@ mod tests {
                 "0504010101610165017401020112",
             ),
             (FromStore::Mail { req: 4, jobs: vec![], next_due: None }, "05040000"),
+            (
+                FromStore::Replayed { req: 5, rows: vec![(300, "t".into())], deleted: 7, more: true },
+                "060501ac0201740701",
+            ),
         ];
         golden(&samples, |m| {
             use FromStore::*;
@@ -772,7 +808,8 @@ mod tests {
                 Failed { .. },
                 ListChunk { .. },
                 Ids { .. },
-                Mail { .. }
+                Mail { .. },
+                Replayed { .. }
             )
         });
     }
