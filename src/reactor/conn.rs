@@ -70,6 +70,9 @@ pub struct Conn {
     pub paused: bool,
     /// The peer closed its sending side.
     pub eof: bool,
+    /// Its replays (SINCE) under way; `None` for almost every connection, so that the
+    /// publish path pays one branch for replay.
+    pub replay: Option<Box<super::replay::ConnReplays>>,
 }
 
 impl Conn {
@@ -99,6 +102,7 @@ impl Conn {
             dirty: false,
             paused: false,
             eof: false,
+            replay: None,
         }
     }
 
@@ -117,9 +121,10 @@ impl Conn {
         }
     }
 
-    /// Bytes waiting to be sent.
+    /// Bytes waiting to be sent, live lines held by a replay included.
     pub fn unsent(&self) -> usize {
-        self.out.len() + (self.shared.1 - self.shared.0) as usize
+        let held = self.replay.as_ref().map_or(0, |r| r.held_bytes());
+        self.out.len() + (self.shared.1 - self.shared.0) as usize + held
     }
 
     /// A reply that is ready now: straight to the output when nothing waits before it.

@@ -11,7 +11,8 @@
 //! command), `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
 //! to the store and their answers), `mail_router` (routing emails between the store's
 //! outbox and the mailers), `child_link` (one child's pipes) and `supervise` (forking,
-//! losing and restarting the children), `lifecycle` (reload and graceful stop).
+//! losing and restarting the children), `lifecycle` (reload and graceful stop), `replay`
+//! (WATCH, and SINCE's replays).
 
 mod child_link;
 mod client_io;
@@ -19,6 +20,7 @@ mod commands;
 mod conn;
 mod lifecycle;
 mod mail_router;
+mod replay;
 mod store_link;
 mod subs;
 mod supervise;
@@ -113,6 +115,8 @@ pub struct Reactor {
     store: StoreLink,
     mailers: Vec<MailerLink>,
     mail: MailRouter,
+    /// The connections replaying kept notifications (SINCE).
+    replays: replay::Replays,
     /// Children whose pipe still had data when their read budget ran out.
     resume_child: Vec<ChildId>,
     /// This turn's MSG lines, each formatted once and shared by every subscriber (see
@@ -146,6 +150,7 @@ impl Reactor {
             store: StoreLink::new(cfg.store_settings()),
             mailers: (0..workers).map(MailerLink::new).collect(),
             mail: MailRouter::new(mail),
+            replays: replay::Replays::default(),
             resume_child: Vec::new(),
             fan: Vec::with_capacity(64 * 1024),
             token_gen: 1,
@@ -229,6 +234,7 @@ impl Reactor {
         }
         self.resume_conns();
         self.pump_mail(now);
+        self.pump_replays();
         self.flush_children();
         self.flush_conns();
         self.reap_conns();
@@ -248,6 +254,7 @@ impl Reactor {
         if !self.clients.resume.is_empty()
             || !self.clients.closing.is_empty()
             || !self.resume_child.is_empty()
+            || self.replays_want_turn()
         {
             return Some(Duration::ZERO);
         }

@@ -30,6 +30,8 @@ pub(super) enum Target {
     TakeMail,
     /// Mail outcomes handed on from a mailer.
     MailDone,
+    /// A part of a connection's replay (see `replay`).
+    Replay { key: usize, conn_id: u64 },
 }
 
 /// A request sent to the store and not yet answered.
@@ -133,16 +135,17 @@ impl Reactor {
 
     /// Sends the record `make` builds around a new request id, and keeps it until the
     /// store answers (for replay after a store restart).
-    pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) {
+    pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) -> u64 {
         let req = self.store.next_req;
         self.store.next_req += 1;
         let record = make(req);
         self.store.child.send(&record);
-        if matches!(target, Target::Reply { .. }) {
+        if matches!(target, Target::Reply { .. } | Target::Replay { .. }) {
             let deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
             self.store.deadlines.push_back((deadline, req));
         }
         self.store.pending.insert(req, Request { record, target, deaths: 0 });
+        req
     }
 
     /// The next notification id; `None` when no block is reserved (`can_take` checks
@@ -181,6 +184,7 @@ impl Reactor {
                 self.store.pending.remove(&req);
                 self.got_mail(jobs, next_due);
             }
+            FromStore::Replayed { req, rows, deleted, more } => self.replay_part(req, rows, deleted, more),
         }
         Ok(())
     }
@@ -192,7 +196,9 @@ impl Reactor {
                 Some(c) if c.id == conn_id && c.state != State::Closing => Some((key, seq)),
                 _ => None,
             },
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => None,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Replay { .. } => {
+                None
+            }
         }
     }
 
@@ -200,6 +206,8 @@ impl Reactor {
         let Some(r) = self.store.pending.remove(&req) else { return };
         match r.target {
             Target::MailDone | Target::Orphan | Target::Ids | Target::TakeMail => {}
+            // A store that answers a replay part with Done is broken.
+            Target::Replay { .. } => self.fail_reply(&r.target, "unexpected answer from the store"),
             Target::Reply { n, .. } => {
                 if let ToStore::Publish { mail, .. } = &r.record {
                     if *mail != MailPlan::Nobody {
@@ -218,7 +226,8 @@ impl Reactor {
                     | ToStore::TakeMail { .. }
                     | ToStore::MailDone { .. }
                     | ToStore::Configure(_)
-                    | ToStore::Logging(_) => {
+                    | ToStore::Logging(_)
+                    | ToStore::Replay { .. } => {
                         protocol::err(out, Code::Unavailable, "unexpected answer from the store")
                     }
                 });
@@ -230,7 +239,7 @@ impl Reactor {
         let Some(r) = self.store.pending.remove(&req) else { return };
         log::warn!("store: request failed: {reason}");
         match r.target {
-            Target::Reply { .. } => self
+            Target::Reply { .. } | Target::Replay { .. } => self
                 .fail_reply(&r.target, "the database reported an error; it may or may not have taken effect"),
             Target::Orphan => {}
             // Not a client's: try again in a second.
@@ -269,7 +278,7 @@ impl Reactor {
                 *listed += rows.len() as u64;
                 *listed
             }
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => 0,
+            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Replay { .. } => 0,
         };
         if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
@@ -328,6 +337,9 @@ impl Reactor {
     /// Answers a client's request with `-ERR UNAVAILABLE <text>`, dropping any part of
     /// a LIST reply gathered so far.
     pub(super) fn fail_reply(&mut self, target: &Target, text: &str) {
+        if let Target::Replay { key, conn_id } = *target {
+            return self.replay_interrupted(key, conn_id);
+        }
         if let Some((key, seq)) = self.reply_slot(target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
                 slot.data.clear();

@@ -197,7 +197,7 @@ impl Reactor {
                     self.ask_ids();
                 }
                 Target::TakeMail => self.mail.asking = false,
-                Target::Reply { .. } | Target::Orphan | Target::MailDone => {}
+                Target::Reply { .. } | Target::Orphan | Target::MailDone | Target::Replay { .. } => {}
             }
         }
     }
