@@ -89,7 +89,7 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
     store_answered(&d);
     let db = d.db();
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1, "notifd(8): the schema version is 1");
+    assert_eq!(version, 2, "notifd(8): the schema version is 2");
     let columns = |table: &str| -> Vec<String> {
         let mut st = db.prepare(&format!("PRAGMA table_info({table})")).unwrap();
         st.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect()
