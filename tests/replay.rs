@@ -479,3 +479,165 @@ fn a_part_that_cannot_be_fetched_ends_the_connection() {
     c.cmd("WATCH e");
     c.expect("+OK WATCH e");
 }
+
+/// The client, built with the daemon.
+const NOTIF: &str = env!("CARGO_BIN_EXE_notif");
+
+/// A running notif whose output the test reads when it wants (until then its stdout
+/// pipe fills and notif stops reading its socket: a slow consumer).
+struct Notif {
+    child: std::process::Child,
+    stdout: Option<std::process::ChildStdout>,
+    err: std::sync::mpsc::Receiver<String>,
+}
+
+impl Notif {
+    fn spawn(port: u16, args: &[&str]) -> Notif {
+        let mut child = std::process::Command::new(NOTIF)
+            .env_remove("NOTIF_HOST")
+            .env_remove("NOTIF_PORT")
+            .env_remove("NOTIF_TOKEN")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start notif");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, err) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[notif] {l}");
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Notif { stdout: child.stdout.take(), child, err }
+    }
+
+    /// From now on, stdout lines arrive on the returned channel.
+    fn read_stdout(&mut self) -> std::sync::mpsc::Receiver<String> {
+        let out = self.stdout.take().expect("stdout taken once");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Waits for a stderr line containing `word`; returns it.
+    fn said(&self, word: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.err.recv_timeout(left).unwrap_or_else(|_| panic!("notif never said {word:?}"));
+            if l.contains(word) {
+                return l;
+            }
+        }
+    }
+}
+
+impl Drop for Notif {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the stored subscription is there: the SUB was read and committed.
+fn wait_stored(d: &Daemon, email: &str) {
+    util::wait_until("the subscription to be stored", WAIT, || {
+        d.db()
+            .query_row("SELECT count(*) FROM subscriptions WHERE email = ?1", [email], |r| r.get::<_, i64>(0))
+            .unwrap()
+            == 1
+    });
+}
+
+#[test]
+fn notif_sub_resumes_after_a_slow_consumer_drop_without_loss() {
+    let d = Daemon::start("max_pending = 65536\nsync = \"normal\"");
+    let mut n = Notif::spawn(d.port, &["sub", "slow@example.com", "e"]);
+    wait_stored(&d, "slow@example.com");
+    // notif's stdout is not read: it stops reading its socket, and the server's output
+    // to it grows until the server drops it. Publish until then, and a little more.
+    let mut p = d.client();
+    let text = "x".repeat(400);
+    let mut published = Vec::new();
+    let mut after_drop = 0;
+    for b in 0..200 {
+        let batch: String = (0..200).map(|i| format!("PUB e {b}.{i} {text}\r\n")).collect();
+        p.send(&batch);
+        for _ in 0..200 {
+            published.push(util::parse_ok_pub(&p.line()).0);
+        }
+        if d.log_has("slow consumer") {
+            after_drop += 1;
+            if after_drop == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(after_drop, 5, "no slow-consumer drop after {} MB", published.len() * 420 >> 20);
+    let out = n.read_stdout();
+    let mut got = Vec::new();
+    while got.len() < published.len() {
+        let l = out
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("notif printed {} of {} notifications", got.len(), published.len()));
+        let id: u64 = l.split(' ').nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{l:?}"));
+        got.push(id);
+    }
+    assert!(got == published, "notif printed other ids than those published (or some twice)");
+    n.said("connection lost");
+    n.said("reconnected");
+}
+
+#[test]
+fn notif_watch_keeps_its_place_across_runs_and_says_what_failed() {
+    let mut d = Daemon::start("");
+    let state = d.path("watch.state");
+    let state = state.to_str().unwrap();
+    let mut p = d.client();
+    let before = util::publish(&mut p, "e", "before").0;
+    let mut n =
+        Notif::spawn(d.port, &["watch", "--since", &before.to_string(), "--state", state, "--json", "e"]);
+    let out = n.read_stdout();
+    let mut ids = Vec::new();
+    for t in ["one", "two \"quoted\" \\ three"] {
+        ids.push(util::publish(&mut p, "e", t).0);
+    }
+    util::publish(&mut p, "other", "not watched");
+    let want = [
+        format!("{{\"event\":\"e\",\"id\":{},\"text\":\"one\"}}", ids[0]),
+        format!("{{\"event\":\"e\",\"id\":{},\"text\":\"two \\\"quoted\\\" \\\\ three\"}}", ids[1]),
+    ];
+    for w in &want {
+        assert_eq!(&out.recv_timeout(WAIT).expect("a JSON line"), w);
+    }
+    util::wait_until("the state file", WAIT, || {
+        std::fs::read_to_string(state).is_ok_and(|s| s == format!("e {}\n", ids[1]))
+    });
+    // The daemon stops: notif says why it lost the connection, then what each retry met.
+    drop(p);
+    d.stop();
+    let lost = n.said("connection lost");
+    assert!(lost.contains("shutting down"), "{lost}");
+    let retry = n.said("reconnect failed");
+    assert!(retry.contains("refused") && !retry.contains("shutting down"), "{retry}");
+    drop(n);
+    // Published while no notif ran; a new run starts where the last one stopped.
+    d.restart();
+    let mut p = d.client();
+    let later = util::publish(&mut p, "e", "later").0;
+    let mut n = Notif::spawn(d.port, &["watch", "--state", state, "e"]);
+    let out = n.read_stdout();
+    assert_eq!(out.recv_timeout(WAIT).expect("the replayed line"), format!("e {later} later"));
+}
