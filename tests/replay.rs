@@ -585,7 +585,7 @@ fn notif_sub_resumes_after_a_slow_consumer_drop_without_loss() {
             }
         }
     }
-    assert_eq!(after_drop, 5, "no slow-consumer drop after {} MB", published.len() * 420 >> 20);
+    assert_eq!(after_drop, 5, "no slow-consumer drop after {} MB", (published.len() * 420) >> 20);
     let out = n.read_stdout();
     let mut got = Vec::new();
     while got.len() < published.len() {
