@@ -543,14 +543,7 @@ impl Notif {
 
     /// Waits for a stderr line containing `word`; returns it.
     fn said(&self, word: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self.err.recv_timeout(left).unwrap_or_else(|_| panic!("notif never said {word:?}"));
-            if l.contains(word) {
-                return l;
-            }
-        }
+        util::said(&self.err, word, "notif")
     }
 }
 
