@@ -644,3 +644,50 @@ fn notif_watch_keeps_its_place_across_runs_and_says_what_failed() {
     let out = n.read_stdout();
     assert_eq!(out.recv_timeout(WAIT).expect("the replayed line"), format!("e {later} later"));
 }
+
+#[test]
+fn a_store_killed_mid_replay_resumes_it_from_the_last_id_sent() {
+    const N: u64 = 100_000;
+    let mut d = Daemon::start("sync = \"normal\"");
+    let text = "y".repeat(100);
+    let first = insert_kept(&mut d, "e", N, &text);
+    let sock = small_buffer(d.addr());
+    let mut w = sock.try_clone().unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut r = BufReader::with_capacity(4096, sock);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    // A command is read only once ids are reserved: a round trip first, so that the
+    // stopped store below holds up nothing but the replay.
+    w.write_all(b"PING\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "PONG\r\n");
+    // The first part is asked for while the store is stopped: it is in flight when the
+    // store dies, and is sent again to the next one.
+    let stopped = util::stop_process(d.store_pid());
+    w.write_all(b"WATCH e SINCE 0\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "+OK WATCH e\r\n");
+    util::signal(stopped.0, libc::SIGKILL);
+    d.wait_log_count("notifd-store restarted", 1, WAIT);
+    let mut want = first;
+    let mut read_to = |upto: u64, r: &mut BufReader<TcpStream>| {
+        while want < upto {
+            line.clear();
+            r.read_line(&mut line).unwrap_or_else(|e| panic!("reading id {want}: {e}"));
+            assert_eq!(line, format!("MSG e {want} {text}\r\n"));
+            want += 1;
+        }
+    };
+    read_to(first + N / 3, &mut r);
+    // Again in the middle, wherever the replay is.
+    util::signal(d.store_pid(), libc::SIGKILL);
+    d.wait_log_count("notifd-store restarted", 2, WAIT);
+    read_to(first + N, &mut r);
+    w.write_all(b"PING end\r\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "PONG end\r\n", "nothing more, nothing twice");
+}
