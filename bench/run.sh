@@ -10,13 +10,14 @@
 # throughput run)  LAT_DURATION=10  CONNS=19000 (capped by the open-files limit)
 # SERVER_CPU=0  GEN_CPU=1  SAT=0.90 (generator CPU share above which it is the
 # bottleneck)  BENCH_OUT=BENCHMARKS.md (empty: do not write)  SCENARIOS="fanout
-# latency pairs conns durable".
+# latency pairs conns durable replay"  REPLAY_COUNT=1000000 (notifications replayed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 SERVERS=${SERVERS:-notifd redis nats mqtt}
-SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable}
+SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable replay}
+REPLAY_COUNT=${REPLAY_COUNT:-1000000}
 DURATION=${DURATION:-5}
 LAT_DURATION=${LAT_DURATION:-10}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -99,7 +100,8 @@ wait_ready() {
 	return 1
 }
 
-# start_server NAME MODE: MODE is "live" (mail_transport none) or "durable" (sync full).
+# start_server NAME MODE: MODE is "live" (mail_transport none), "durable" (sync full) or
+# "replay" (notifd's database kept in $TMP/replay.db across starts).
 # Sets SPID and PORT. The server and every process it forks inherit the CPU pinning.
 start_server() {
 	local name=$1 mode=$2 dir=$TMP/$1
@@ -111,7 +113,11 @@ start_server() {
 		{
 			echo "host = \"127.0.0.1\""
 			echo "port = $PORT"
-			echo "database = \"$dir/notifd.db\""
+			if [ "$mode" = replay ]; then
+				echo "database = \"$TMP/replay.db\""
+			else
+				echo "database = \"$dir/notifd.db\""
+			fi
 			echo "mail_transport = \"none\""
 			echo "log = \"$dir/notifd.log\""
 			echo "max_clients = $((CONNS + 2000))"
@@ -251,6 +257,29 @@ run_durable() {
 	stop_server
 }
 
+# replay: notifd makes its database, is stopped while REPLAY_COUNT notifications are
+# added to it, and replays them all to one connection (WATCH SINCE 0), each run anew.
+run_replay() {
+	local r
+	rm -f "$TMP"/replay.db*
+	if ! start_retry notifd replay; then
+		say "notifd did not start for the replay scenario; skipping it"
+		stop_server
+		return
+	fi
+	stop_server
+	if ! "$GEN" --scenario replay-fill --db "$TMP/replay.db" --count "$REPLAY_COUNT" >>"$TMP/gen.err" 2>&1; then
+		say "replay-fill failed (see $TMP/gen.err)"
+		return
+	fi
+	if start_retry notifd replay; then
+		if r=$(gen notifd --scenario replay --count "$REPLAY_COUNT" --timeout 300); then
+			record replay notifd "$(field "$r" msgs_per_s)" "$(field "$r" gen_cpu)"
+		fi
+	fi
+	stop_server
+}
+
 run_sqlite() {
 	local out line
 	out=$(taskset -c "$GEN_CPU" "$GEN" --scenario sqlite --db "$TMP/baseline.db" \
@@ -272,6 +301,9 @@ for run in $(seq 1 "$RUNS"); do
 		run_live "$s"
 		if [ "$s" = notifd ] && has durable; then
 			run_durable
+		fi
+		if [ "$s" = notifd ] && has replay; then
+			run_replay
 		fi
 	done
 	if has durable; then
@@ -333,6 +365,7 @@ TABLE=$TMP/table
 		pairs|100 publisher→subscriber pairs: delivered msgs/s|higher
 		conns_bytes|idle subscribed connections: server bytes per connection|lower
 		conns_open|idle subscribed connections: still open after 10 s|higher
+		replay|replay of 1,000,000 kept notifications to one connection: msgs/s|higher
 	EOF
 } >"$TABLE"
 

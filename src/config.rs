@@ -73,6 +73,8 @@ pub struct Config {
     pub max_inflight: u32,
     /// Distinct (event, email) live subscriptions of one connection.
     pub max_subs_per_conn: u32,
+    /// Replays (`SINCE`) of untrusted connections running at once; others wait their turn.
+    pub max_replays: u32,
     /// Idle seconds before TCP keepalive probes; 0: none.
     pub tcp_keepalive: u32,
     /// The `AUTH` token for `PUB` and `LIST`; empty: only loopback clients may.
@@ -181,6 +183,7 @@ impl Default for Config {
             max_pending: 1 << 20,
             max_inflight: 64,
             max_subs_per_conn: 1000,
+            max_replays: 16,
             tcp_keepalive: 60,
             publish_token: String::new(),
             database: "/var/lib/notifd/notifd.db".into(),
@@ -327,6 +330,7 @@ impl Config {
             "max_pending" => self.max_pending = int(key, v, 1024, 1 << 30)? as usize,
             "max_inflight" => self.max_inflight = int(key, v, 1, 65536)? as u32,
             "max_subs_per_conn" => self.max_subs_per_conn = int(key, v, 1, 1_000_000)? as u32,
+            "max_replays" => self.max_replays = int(key, v, 1, 1_000_000)? as u32,
             "tcp_keepalive" => self.tcp_keepalive = int(key, v, 0, 86_400)? as u32,
             "publish_token" => self.publish_token = string(key, v)?,
             "database" => self.database = path(v)?,
@@ -503,6 +507,7 @@ const KEYS: &[&str] = &[
     "max_pending",
     "max_inflight",
     "max_subs_per_conn",
+    "max_replays",
     "tcp_keepalive",
     "publish_token",
     "database",

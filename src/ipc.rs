@@ -16,8 +16,9 @@ use std::path::PathBuf;
 
 /// Version of the records below; bumped when a record changes meaning or encoding
 /// (2: `MailSettings::sendmail_timeout`; 3: consent: trust on SUB and UNSUB, the
-/// consent settings, `MailJob::kind`, `MailSettings::public_url` and `server`).
-pub const VERSION: u32 = 3;
+/// consent settings, `MailJob::kind`, `MailSettings::public_url` and `server`; 4:
+/// `ToStore::Replay`, `FromStore::Replayed`).
+pub const VERSION: u32 = 4;
 
 /// The high bit of a [`MailJob::id`] marks a confirmation email, whose number is the
 /// rest: notification ids stay below 2^63, so the two never share a key.
@@ -170,6 +171,21 @@ pub enum ToStore {
         /// Unix seconds now.
         now: i64,
     },
+    /// One part of a replay: the notifications of `event` with an id above `after`,
+    /// oldest first, at most `max_rows` of them and about `max_bytes` of text (at least
+    /// one row); answered with `Replayed`.
+    Replay {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// The event name.
+        event: String,
+        /// Only ids above this one.
+        after: u64,
+        /// At most this many rows.
+        max_rows: u32,
+        /// Stop once the texts add up to this many bytes.
+        max_bytes: u32,
+    },
 }
 
 impl ToStore {
@@ -187,7 +203,8 @@ impl ToStore {
             | ToStore::ListPairs { req, .. }
             | ToStore::Confirm { req, .. }
             | ToStore::OptOut { req, .. }
-            | ToStore::OpenLink { req, .. } => Some(req),
+            | ToStore::OpenLink { req, .. }
+            | ToStore::Replay { req, .. } => Some(req),
             ToStore::Hello { .. } | ToStore::Configure(_) | ToStore::Logging(_) => None,
         }
     }
@@ -278,6 +295,17 @@ pub enum FromStore {
         req: u64,
         /// What the page shows.
         page: Option<LinkView>,
+    },
+    /// One part of a replay: `(id, text)` rows in id order.
+    Replayed {
+        /// The request number, echoed in the answer.
+        req: u64,
+        /// `(id, text)` rows, oldest first.
+        rows: Vec<(u64, String)>,
+        /// The highest notification id `keep_days` ever deleted (0: none), for `GAP`.
+        deleted: u64,
+        /// The part was cut short (`max_rows` or `max_bytes`): ask for the next.
+        more: bool,
     },
 }
 
@@ -1097,6 +1125,10 @@ mod tests {
                 ToStore::OpenLink { req: 12, token: "t".into(), action: LinkAction::OptOut, now: 3 },
                 "0e0c01740206",
             ),
+            (
+                ToStore::Replay { req: 9, event: "e".into(), after: 300, max_rows: 2, max_bytes: 128 },
+                "0f090165ac02028001",
+            ),
         ];
         golden(&samples, |m| {
             use ToStore::*;
@@ -1116,7 +1148,8 @@ mod tests {
                 ListPairs { .. },
                 Confirm { .. },
                 OptOut { .. },
-                OpenLink { .. }
+                OpenLink { .. },
+                Replay { .. }
             )
         });
     }
@@ -1202,6 +1235,10 @@ mod tests {
                 },
                 "0a0801020161000001",
             ),
+            (
+                FromStore::Replayed { req: 5, rows: vec![(300, "t".into())], deleted: 7, more: true },
+                "0b0501ac0201740701",
+            ),
         ];
         golden(&samples, |m| {
             use FromStore::*;
@@ -1217,7 +1254,8 @@ mod tests {
                 Refused { .. },
                 Confirmed { .. },
                 Pairs { .. },
-                LinkPage { .. }
+                LinkPage { .. },
+                Replayed { .. }
             )
         });
     }

@@ -53,12 +53,14 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
 /// A client command, borrowing from its line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {
-    /// `SUB <event> <email>`.
+    /// `SUB <event> <email> [SINCE <id>]`.
     Sub {
         /// The event name.
         event: &'a str,
         /// The address, its domain lowercased.
         email: Cow<'a, str>,
+        /// Replay what is kept after this id (see *Replay* in notifd-protocol(7)).
+        since: Option<u64>,
     },
     /// `UNSUB <event> <email>`.
     Unsub {
@@ -93,6 +95,18 @@ pub enum Command<'a> {
     Quit,
     /// `STATS`.
     Stats,
+    /// `WATCH <event> [SINCE <id>]`: live delivery with no email, nothing stored.
+    Watch {
+        /// The event name.
+        event: &'a str,
+        /// Replay what is kept after this id.
+        since: Option<u64>,
+    },
+    /// `UNWATCH <event>`.
+    Unwatch {
+        /// The event name.
+        event: &'a str,
+    },
 }
 
 /// The stable error codes of `-ERR <CODE> <text>`.
@@ -179,20 +193,36 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Command<'_>>, ProtoError> {
         return Err(ProtoError::new(Code::Syntax, "line is not valid UTF-8"));
     };
     let (verb, rest) = word(line);
-    let cmd = if verb.eq_ignore_ascii_case("SUB") || verb.eq_ignore_ascii_case("UNSUB") {
-        let [event, email] = args::<2>(rest).ok_or_else(|| {
-            ProtoError::new(
+    let cmd = if verb.eq_ignore_ascii_case("SUB") {
+        let (event, rest) = word(rest);
+        let (email, rest) = word(rest);
+        if email.is_empty() {
+            return Err(ProtoError::new(
                 Code::Syntax,
-                format!("{} takes an event and an email", verb.to_ascii_uppercase()),
-            )
-        })?;
+                "SUB takes an event and an email, then SINCE <id> if wanted",
+            ));
+        }
+        let since = since(rest, "SUB takes an event and an email, then SINCE <id> if wanted")?;
         let event = valid_event(event)?;
         let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
-        if verb.eq_ignore_ascii_case("SUB") {
-            Command::Sub { event, email }
-        } else {
-            Command::Unsub { event, email }
+        Command::Sub { event, email, since }
+    } else if verb.eq_ignore_ascii_case("UNSUB") {
+        let [event, email] = args::<2>(rest)
+            .ok_or_else(|| ProtoError::new(Code::Syntax, "UNSUB takes an event and an email"))?;
+        let event = valid_event(event)?;
+        let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
+        Command::Unsub { event, email }
+    } else if verb.eq_ignore_ascii_case("WATCH") {
+        let (event, rest) = word(rest);
+        if event.is_empty() {
+            return Err(ProtoError::new(Code::Syntax, "WATCH takes an event, then SINCE <id> if wanted"));
         }
+        let since = since(rest, "WATCH takes an event, then SINCE <id> if wanted")?;
+        Command::Watch { event: valid_event(event)?, since }
+    } else if verb.eq_ignore_ascii_case("UNWATCH") {
+        let [event] =
+            args::<1>(rest).ok_or_else(|| ProtoError::new(Code::Syntax, "UNWATCH takes an event"))?;
+        Command::Unwatch { event: valid_event(event)? }
     } else if verb.eq_ignore_ascii_case("PUB") {
         let (event, text) = word(rest);
         if event.is_empty() || text.is_empty() {
@@ -223,6 +253,38 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Command<'_>>, ProtoError> {
         return Err(ProtoError::new(Code::Unknown, format!("unknown command \"{shown}\"")));
     };
     Ok(Some(cmd))
+}
+
+/// The largest id `SINCE` takes: 2^63 − 1, the largest id SQLite stores.
+pub const MAX_SINCE: u64 = i64::MAX as u64;
+
+/// What follows a command's own arguments: nothing, or `SINCE <id>` once. `usage` is
+/// the text of the `-ERR SYNTAX` for anything else.
+fn since(rest: &str, usage: &'static str) -> Result<Option<u64>, ProtoError> {
+    let (kw, rest) = word(rest);
+    if kw.is_empty() {
+        return Ok(None);
+    }
+    if !kw.eq_ignore_ascii_case("SINCE") {
+        return Err(ProtoError::new(Code::Syntax, usage));
+    }
+    let (id, rest) = word(rest);
+    if id.is_empty() {
+        return Err(ProtoError::new(Code::Syntax, "SINCE takes an id"));
+    }
+    // Digits only: no sign, no "+5", no "0x".
+    let id = match id.bytes().all(|b| b.is_ascii_digit()).then(|| id.parse::<u64>().ok()).flatten() {
+        Some(n) if n <= MAX_SINCE => n,
+        _ => return Err(ProtoError::new(Code::Syntax, "SINCE takes an id from 0 to 9223372036854775807")),
+    };
+    let (next, _) = word(rest);
+    if next.eq_ignore_ascii_case("SINCE") {
+        return Err(ProtoError::new(Code::Syntax, "SINCE given twice"));
+    }
+    if !next.is_empty() {
+        return Err(ProtoError::new(Code::Syntax, usage));
+    }
+    Ok(Some(id))
 }
 
 /// Exactly `N` blank-separated words, or `None`.
@@ -307,7 +369,8 @@ pub fn greeting(out: &mut Vec<u8>, max_line: usize) {
     out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
     out.extend_from_slice(b" max_line=");
     push_u64(out, max_line as u64);
-    out.extend_from_slice(b"\r\n");
+    // Only what this build has; a later ability adds a word.
+    out.extend_from_slice(b" abilities=watch,since\r\n");
 }
 
 /// `-ERR <CODE> <text>`.
@@ -360,6 +423,17 @@ pub fn msg(out: &mut Vec<u8>, event: &str, id: u64, text: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `GAP <event> <from> <to>`: ids `from` to `to` may have been deleted by `keep_days`.
+pub fn gap(out: &mut Vec<u8>, event: &str, from: u64, to: u64) {
+    out.extend_from_slice(b"GAP ");
+    out.extend_from_slice(event.as_bytes());
+    out.push(b' ');
+    push_u64(out, from);
+    out.push(b' ');
+    push_u64(out, to);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// `SUB <event> <email> <timestamp>`, a LIST data line.
 pub fn list_line(out: &mut Vec<u8>, event: &str, email: &str, created_at: i64) {
     out.extend_from_slice(b"SUB ");
@@ -401,9 +475,9 @@ mod tests {
 
     #[test]
     fn verbs_are_case_insensitive_and_blanks_separate() {
-        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into() };
+        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into(), since: None };
         assert_eq!(parse("SUB orders.shipped ana@example.com").unwrap(), Some(want));
-        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into() };
+        let want = Command::Sub { event: "orders.shipped", email: "ana@example.com".into(), since: None };
         assert_eq!(parse("sUb \t orders.shipped  \tana@example.com \r").unwrap(), Some(want));
         assert_eq!(parse("quit").unwrap(), Some(Command::Quit));
         assert_eq!(parse("Ping").unwrap(), Some(Command::Ping { text: None }));
@@ -447,7 +521,14 @@ mod tests {
     #[test]
     fn argument_counts() {
         assert_eq!(code("SUB e"), Code::Syntax);
-        assert_eq!(code("SUB e a@b SINCE 5"), Code::Syntax);
+        assert_eq!(code("SUB e a@b c"), Code::Syntax);
+        assert_eq!(code("SUB e a@b SINCE 5 x"), Code::Syntax);
+        assert_eq!(code("UNSUB e a@b SINCE 5"), Code::Syntax);
+        assert_eq!(code("WATCH"), Code::Syntax);
+        assert_eq!(code("WATCH e x"), Code::Syntax);
+        assert_eq!(code("UNWATCH"), Code::Syntax);
+        assert_eq!(code("UNWATCH e f"), Code::Syntax);
+        assert_eq!(code("UNWATCH e SINCE 1"), Code::Syntax);
         assert_eq!(code("UNSUB"), Code::Syntax);
         assert_eq!(code("LIST"), Code::Syntax);
         assert_eq!(code("LIST a@b c@d"), Code::Syntax);
@@ -456,6 +537,40 @@ mod tests {
         assert_eq!(code("QUIT now"), Code::Syntax);
         assert_eq!(code("HELO x"), Code::Unknown);
         assert_eq!(code("SUBSCRIBE e a@b"), Code::Unknown);
+    }
+
+    #[test]
+    fn since_and_watch() {
+        let sub = |since| Some(Command::Sub { event: "e", email: "a@b".into(), since });
+        assert_eq!(parse("SUB e a@b SINCE 0").unwrap(), sub(Some(0)));
+        assert_eq!(parse("sub e a@b since\t 17 \r").unwrap(), sub(Some(17)));
+        assert_eq!(parse("SUB e a@b SINCE 9223372036854775807").unwrap(), sub(Some(MAX_SINCE)));
+        assert_eq!(parse("WATCH e").unwrap(), Some(Command::Watch { event: "e", since: None }));
+        assert_eq!(parse("watch e SINCE 5").unwrap(), Some(Command::Watch { event: "e", since: Some(5) }));
+        assert_eq!(parse("UNWATCH e").unwrap(), Some(Command::Unwatch { event: "e" }));
+        for bad in [
+            "SINCE",
+            "SINCE ",
+            "SINCE -1",
+            "SINCE +1",
+            "SINCE x",
+            "SINCE 1.5",
+            "SINCE 0x10",
+            "SINCE 9223372036854775808",
+            "SINCE 99999999999999999999999",
+            "SINCE 1 SINCE 2",
+            "SINCE 1 since 1",
+            "SINCE 1 2",
+        ] {
+            assert_eq!(code(&format!("SUB e a@b {bad}")), Code::Syntax, "SUB {bad}");
+            assert_eq!(code(&format!("WATCH e {bad}")), Code::Syntax, "WATCH {bad}");
+            assert!(!parse(&format!("SUB e a@b {bad}")).unwrap_err().text.is_empty());
+        }
+        assert_eq!(code("WATCH bad/event"), Code::Event);
+        assert_eq!(code("WATCH bad/event SINCE 1"), Code::Event);
+        assert_eq!(code("UNWATCH a*"), Code::Event);
+        assert_eq!(code("SUB bad/e a@b SINCE 1"), Code::Event);
+        assert_eq!(code("SUB e bad SINCE 1"), Code::Email);
     }
 
     #[test]
@@ -542,7 +657,11 @@ mod tests {
         );
         let mut g = Vec::new();
         greeting(&mut g, 4096);
-        assert!(g.starts_with(b"HELLO notifd 1 version=") && g.ends_with(b" max_line=4096\r\n"));
+        assert!(g.starts_with(b"HELLO notifd 1 version="));
+        assert!(g.ends_with(b" max_line=4096 abilities=watch,since\r\n"));
+        let mut out = Vec::new();
+        gap(&mut out, "e", 1, 500);
+        assert_eq!(out, b"GAP e 1 500\r\n");
     }
 
     proptest! {
@@ -560,6 +679,20 @@ mod tests {
             let _ = parse(&format!("PUB e {s}"));
             let _ = parse(&format!("SUB {s} a@b"));
             let _ = parse(&format!("SUB e {s}"));
+        }
+
+        #[test]
+        fn since_takes_every_id_up_to_2_63_and_nothing_else(id in any::<u64>(), junk in "[^0-9 \t\r\n]{1,5}") {
+            let (watch, sub) = (format!("WATCH e SINCE {id}"), format!("SUB e a@b SINCE {id}"));
+            let got = parse(&watch);
+            if id <= MAX_SINCE {
+                prop_assert_eq!(got.unwrap(), Some(Command::Watch { event: "e", since: Some(id) }));
+                prop_assert_eq!(parse(&sub).unwrap(), Some(Command::Sub { event: "e", email: "a@b".into(), since: Some(id) }));
+            } else {
+                prop_assert_eq!(got.unwrap_err().code, Code::Syntax);
+            }
+            let bad = format!("WATCH e SINCE {junk}{id}");
+            prop_assert_eq!(parse(&bad).unwrap_err().code, Code::Syntax);
         }
 
         #[test]

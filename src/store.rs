@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 mod pairs;
 
-/// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+/// Schema version kept in `PRAGMA user_version` (2: consent; 3: replay's index and
+/// `deleted_max`).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Rows per `ListChunk`, so that a LIST answer never outgrows the frame maximum:
 /// a row is at most 128 + 10 bytes.
@@ -141,6 +142,9 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
     if version < 2 {
         migrate_consent(db)?;
     }
+    if version < 3 {
+        migrate_3_replay(db)?;
+    }
     Ok(())
 }
 
@@ -218,6 +222,22 @@ fn load_secret(db: &Connection) -> Result<consent::Secret, StoreError> {
     consent::Secret::from_bytes(&bytes).ok_or_else(|| {
         StoreError(format!("the server secret is {} bytes, not {}", bytes.len(), consent::SECRET_LEN))
     })
+}
+
+/// Step 3, for replay: the (event, id) index that a replay part reads, and
+/// `deleted_max`, the highest notification id cleanup ever deleted (for `GAP`). A
+/// database of step 1 may have deleted some already; its highest is not known, so the
+/// lowest id left minus one is the best guess that never hides a deletion.
+fn migrate_3_replay(db: &Connection) -> Result<(), StoreError> {
+    db.execute_batch(
+        "BEGIN;
+         CREATE INDEX IF NOT EXISTS notifications_by_event ON notifications(event, id);
+         INSERT OR IGNORE INTO meta(key, value)
+             SELECT 'deleted_max', COALESCE((SELECT min(id) - 1 FROM notifications), 0);
+         PRAGMA user_version = 3;
+         COMMIT;",
+    )
+    .map_err(ctx("cannot add the replay index (schema 3)"))
 }
 
 /// The delay before try number `tries + 1`: `base` doubled for each earlier retry, capped
@@ -376,6 +396,11 @@ impl Store {
                 answers.push(FromStore::Done { req: *req });
                 Ok(())
             }
+            ToStore::Replay { req, event, after, max_rows, max_bytes } => {
+                let answer = self.replay(*req, event, *after, *max_rows, *max_bytes)?;
+                answers.push(answer);
+                Ok(())
+            }
             // Taken out of the batch by `apply`.
             ToStore::Configure(_) | ToStore::Logging(_) => Ok(()),
             ToStore::Stats { req } => {
@@ -462,6 +487,54 @@ impl Store {
         }
         answers.push(FromStore::ListChunk { req, rows: chunk, last: true });
         Ok(())
+    }
+
+    /// One part of a replay. Read inside the batch's transaction, so every publication
+    /// that came down the pipe before this request is in it.
+    fn replay(
+        &self,
+        req: u64,
+        event: &str,
+        after: u64,
+        max_rows: u32,
+        max_bytes: u32,
+    ) -> Result<FromStore, StoreError> {
+        let after = after.min(i64::MAX as u64) as i64;
+        let mut st = self
+            .db
+            .prepare_cached(
+                "SELECT id, text FROM notifications WHERE event = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )
+            .map_err(ctx("replay"))?;
+        // One row more than asked tells whether there is more.
+        let mut q = st.query(params![event, after, i64::from(max_rows.max(1)) + 1]).map_err(ctx("replay"))?;
+        let mut rows: Vec<(u64, String)> = Vec::new();
+        let (mut bytes, mut more) = (0usize, false);
+        while let Some(row) = q.next().map_err(ctx("replay"))? {
+            if rows.len() >= max_rows.max(1) as usize || bytes >= max_bytes as usize {
+                more = true;
+                break;
+            }
+            let id: i64 = row.get(0).map_err(ctx("replay"))?;
+            let text: String = row.get(1).map_err(ctx("replay"))?;
+            bytes += text.len() + event.len() + 24;
+            rows.push((id as u64, text));
+        }
+        drop(q);
+        let deleted = self.deleted_max()?;
+        Ok(FromStore::Replayed { req, rows, deleted, more })
+    }
+
+    /// The highest notification id cleanup ever deleted; 0 for none.
+    fn deleted_max(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .db
+            .prepare_cached("SELECT value FROM meta WHERE key = 'deleted_max'")
+            .map_err(ctx("deleted_max"))?
+            .query_row([], |r| r.get(0))
+            .optional()
+            .map_err(ctx("deleted_max"))?;
+        Ok(v.unwrap_or(0).max(0) as u64)
     }
 
     fn reserve_ids(&self, count: u64) -> Result<(u64, u64), StoreError> {
@@ -642,7 +715,8 @@ impl Store {
         0.8 + (self.rng % 4001) as f64 / 10_000.0
     }
 
-    /// Deletes notifications and finished emails older than `keep_days`; pending emails stay.
+    /// Deletes notifications and finished emails older than `keep_days`; pending emails
+    /// stay. The highest notification id deleted is kept (`deleted_max`), for `GAP`.
     pub fn cleanup(&self, now: i64) -> Result<(), StoreError> {
         if self.settings.keep_days == 0 {
             return Ok(());
@@ -652,6 +726,10 @@ impl Store {
             .execute_batch(&format!(
                 "BEGIN;
                  DELETE FROM outbox WHERE state IN ('sent', 'failed') AND updated_at < {cutoff};
+                 INSERT INTO meta(key, value)
+                   SELECT 'deleted_max', max(id) FROM notifications WHERE created_at < {cutoff}
+                     AND id NOT IN (SELECT notification_id FROM outbox) HAVING max(id) IS NOT NULL
+                   ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value);
                  DELETE FROM notifications WHERE created_at < {cutoff}
                    AND id NOT IN (SELECT notification_id FROM outbox);
                  COMMIT;"
@@ -973,6 +1051,87 @@ mod tests {
         let got = answers(&mut s, vec![ToStore::TakeMail { req: 4, max: 5, now: 1 }]);
         let FromStore::Mail { jobs, .. } = &got[0] else { panic!() };
         assert_eq!(jobs.len(), 1);
+    }
+
+    #[test]
+    fn replay_parts_follow_ids_and_cleanup_keeps_the_highest_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::new(open(&dir.path().join("t.db"), &settings()).unwrap(), settings()).unwrap();
+        let publish = |id: u64, event: &str, now| ToStore::Publish {
+            req: id,
+            id,
+            event: event.into(),
+            text: format!("t{id}"),
+            now,
+            mail: MailPlan::Nobody,
+        };
+        let day = 86_400;
+        let batch: Vec<ToStore> = (1..=10)
+            .map(|id| publish(id, if id % 2 == 0 { "e" } else { "o" }, 100 * day + id as i64))
+            .collect();
+        answers(&mut s, batch);
+        let replay = |after, max_rows, max_bytes| ToStore::Replay {
+            req: 50,
+            event: "e".into(),
+            after,
+            max_rows,
+            max_bytes,
+        };
+        let got = answers(
+            &mut s,
+            vec![replay(0, 2, 1000), replay(4, 10, 1000), replay(0, 10, 1), replay(10, 5, 5)],
+        );
+        let rows = |v: &[u64]| v.iter().map(|&i| (i, format!("t{i}"))).collect::<Vec<_>>();
+        assert_eq!(got[0], FromStore::Replayed { req: 50, rows: rows(&[2, 4]), deleted: 0, more: true });
+        assert_eq!(got[1], FromStore::Replayed { req: 50, rows: rows(&[6, 8, 10]), deleted: 0, more: false });
+        // At least one row, even past max_bytes.
+        assert_eq!(got[2], FromStore::Replayed { req: 50, rows: rows(&[2]), deleted: 0, more: true });
+        assert_eq!(got[3], FromStore::Replayed { req: 50, rows: vec![], deleted: 0, more: false });
+        // Cleanup at day 130 + 5 s with keep_days 30 deletes ids 1 to 4.
+        s.cleanup(130 * day + 5).unwrap();
+        let got = answers(&mut s, vec![replay(0, 10, 1000)]);
+        assert_eq!(got[0], FromStore::Replayed { req: 50, rows: rows(&[6, 8, 10]), deleted: 4, more: false });
+        // Nothing old enough: the highest stays.
+        s.cleanup(130 * day + 5).unwrap();
+        s.cleanup(0).unwrap();
+        assert_eq!(s.deleted_max().unwrap(), 4);
+        drop(s);
+        // A reopened database keeps it; schema 2 is there.
+        let db = open(&dir.path().join("t.db"), &settings()).unwrap();
+        let v: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, 2);
+        assert_eq!(Store::new(db, settings()).unwrap().deleted_max().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_to_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE subscriptions(email TEXT, event TEXT, created_at INTEGER, PRIMARY KEY (email, event));
+                 CREATE TABLE notifications(id INTEGER PRIMARY KEY, event TEXT NOT NULL, text TEXT NOT NULL,
+                     created_at INTEGER NOT NULL);
+                 CREATE TABLE outbox(notification_id INTEGER NOT NULL, email TEXT NOT NULL, state TEXT NOT NULL,
+                     tries INTEGER NOT NULL DEFAULT 0, next_try_at INTEGER NOT NULL, last_error TEXT,
+                     updated_at INTEGER NOT NULL, PRIMARY KEY (notification_id, email));
+                 CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('next_id', 20001);
+                 INSERT INTO notifications VALUES (17, 'e', 'kept', 5);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let db = open(&path, &settings()).unwrap();
+        let index: i64 = db
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'notifications_by_event'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(index, 1);
+        // Ids below the oldest kept one may have been deleted.
+        assert_eq!(Store::new(db, settings()).unwrap().deleted_max().unwrap(), 16);
     }
 
     #[test]

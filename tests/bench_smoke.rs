@@ -128,3 +128,17 @@ fn sqlite_baseline_reports_each_mode_and_cleans_up() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "the baseline removes its database: {left:?}");
 }
+
+#[test]
+fn replay_reports_every_kept_notification() {
+    let mut d = Daemon::start(CONF);
+    d.stop();
+    let db = d.path("db/notifd.db");
+    let fill = one(results(["--scenario", "replay-fill", "--db", db.to_str().unwrap(), "--count", "5000"]));
+    assert_eq!(fill.get("rows"), "5000");
+    d.restart();
+    let addr = d.addr().to_string();
+    let r = one(results(["--addr", &addr, "--scenario", "replay", "--count", "5000", "--timeout", "30"]));
+    assert_eq!((r.get("scenario"), r.get("msgs")), ("replay", "5000"));
+    assert!(r.num("msgs_per_s") > 0.0, "{:?}", r.0);
+}

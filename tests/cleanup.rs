@@ -90,7 +90,7 @@ fn a_fresh_database_has_the_documented_schema_and_version() {
     store_answered(&d);
     let db = d.db();
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2, "notifd(8): the schema version is 2");
+    assert_eq!(version, 3, "notifd(8): the schema version is 3");
     let columns = |table: &str| -> Vec<String> {
         let mut st = db.prepare(&format!("PRAGMA table_info({table})")).unwrap();
         st.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect()
@@ -141,7 +141,7 @@ fn a_database_made_before_consent_is_upgraded_and_its_subscriptions_stay_confirm
     let db =
         rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let mut st = db.prepare("SELECT email FROM outbox WHERE notification_id = ?1 ORDER BY email").unwrap();
     let to: Vec<String> = st.query_map([id], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
     assert_eq!(to, ["ana@example.com", "bo@example.com"]);

@@ -102,15 +102,7 @@ impl Subscriber {
 
     /// Waits for a stderr line containing `word`, skipping others.
     fn said(&self, word: &str) -> String {
-        let end = Instant::now() + WAIT;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            let line =
-                self.err.recv_timeout(left).unwrap_or_else(|_| panic!("notif sub never said {word:?}"));
-            if line.contains(word) {
-                return line;
-            }
-        }
+        util::said(&self.err, word, "notif sub")
     }
 }
 

@@ -83,7 +83,7 @@ fn unknown_verbs_and_wrong_argument_counts() {
     for line in [
         "SUB",
         "SUB e",
-        "SUB e a@b SINCE 5",
+        "SUB e a@b SINCE",
         "SUB e a@b extra",
         "UNSUB",
         "UNSUB e",
@@ -818,7 +818,7 @@ fn pipelining_hundreds_of_mixed_commands_in_one_write() {
                     3 => (format!("SUB {ev} no-at-sign"), "EMAIL"),
                     4 => (format!("PUB {ev}"), "SYNTAX"),
                     5 => ("PING a\u{1}b".to_string(), "SYNTAX"),
-                    6 => (format!("SUB {ev} {sent} SINCE 5"), "SYNTAX"),
+                    6 => (format!("SUB {ev} {sent} SINCE -5"), "SYNTAX"),
                     _ => (format!("LIST {local}@@x"), "EMAIL"),
                 };
                 script.push_str(&line);

@@ -11,6 +11,7 @@
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use std::collections::BTreeMap;
 use std::env;
 use std::ffi::OsString;
 use std::fmt;
@@ -30,10 +31,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longer than the server's default `store_timeout` (5 s), so that a slow commit ends in
 /// the server's `-ERR UNAVAILABLE` rather than in our own timeout.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The delay before the second try after a drop; the first comes at once.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// A connection that stayed up this long resets the reconnection delay.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 const EXIT_OK: u8 = 0;
 const EXIT_SERVER_ERR: u8 = 1;
@@ -43,11 +43,18 @@ const EXIT_CONNECT: u8 = 3;
 const USAGE: &str = "usage: notif [-h] [-H host] [-p port] [-a token]
              [--tls [--ca file] [--cert file --key file]] command [argument ...]
 commands:
-  sub EMAIL EVENT...   subscribe EMAIL to each EVENT and print notifications as they arrive
+  sub [STREAM-OPTIONS] EMAIL EVENT...
+                       subscribe EMAIL to each EVENT and print notifications as they arrive
+  watch [STREAM-OPTIONS] EVENT...
+                       print notifications of each EVENT as they arrive (nothing stored)
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
   list EMAIL           print the events EMAIL is subscribed to, with the time of subscription
   ping [TEXT...]       check that the server answers
-  stats                print the server's counters, one \"NAME VALUE\" a line";
+  stats                print the server's counters, one \"NAME VALUE\" a line
+stream options (sub, watch; after a drop both resume from the last id printed):
+  --since ID           start after notification ID (0: everything the server keeps)
+  --state FILE         keep the last id of each event in FILE, across runs
+  --json               print one JSON object per line, with event, id and text";
 
 /// Why a command did not complete; each maps to one exit status.
 #[derive(Debug)]
@@ -181,6 +188,7 @@ fn parse_args(
     let command = name.to_ascii_lowercase();
     let arity_ok = match command.as_str() {
         "sub" => args.len() >= 2,
+        "watch" => !args.is_empty(),
         "pub" => args.len() >= 2,
         "list" => args.len() == 1,
         "ping" => true,
@@ -229,7 +237,10 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
     let tls = opts.tls.as_ref().map(tls_config).transpose()?;
     let tls = tls.as_ref();
     match opts.command.as_str() {
-        "sub" => subscribe_forever(opts, tls),
+        "sub" | "watch" => {
+            let follow = Follow::from_args(opts.command == "watch", &opts.args).map_err(Failure::Usage)?;
+            subscribe_forever(opts, tls, follow)
+        }
         "pub" => {
             let text = opts.args[1..].join(" ");
             if text.trim().is_empty() {
@@ -464,12 +475,14 @@ impl Write for Stream {
 struct Connection {
     reader: BufReader<Stream>,
     peer: SocketAddr,
+    /// The words of the greeting's `abilities=` token.
+    abilities: Vec<String>,
 }
 
 impl Connection {
     fn open(opts: &Options, tls: Option<&Arc<ClientConfig>>) -> Result<Connection, Failure> {
         let (stream, peer) = Stream::open(&opts.host, opts.port, tls)?;
-        let mut conn = Connection { reader: BufReader::new(stream), peer };
+        let mut conn = Connection { reader: BufReader::new(stream), peer, abilities: Vec::new() };
         let greeting = conn.line()?;
         if is_err(&greeting) {
             // -ERR BUSY: the server is full or shutting down.
@@ -477,6 +490,9 @@ impl Connection {
         }
         if !greeting.starts_with("HELLO notifd ") {
             return Err(Failure::Connect(format!("{peer}: not a notifd server (greeting {greeting:?})")));
+        }
+        if let Some(list) = greeting.split(' ').find_map(|w| w.strip_prefix("abilities=")) {
+            conn.abilities = list.split(',').map(str::to_string).collect();
         }
         if let Some(token) = &opts.token {
             conn.send(&format!("AUTH {token}"))?;
@@ -584,42 +600,233 @@ fn print_line(s: &str) -> Result<(), Failure> {
     writeln!(out, "{s}").and_then(|()| out.flush()).map_err(|_| Failure::StdoutClosed)
 }
 
-/// `sub`: subscribe, print every notification, and when the connection drops, come back
-/// with growing delays and subscribe again. Only the first connection's failures end
-/// the program; after that the subscriber keeps trying.
-fn subscribe_forever(opts: &Options, tls: Option<&Arc<ClientConfig>>) -> Result<(), Failure> {
-    let email = &opts.args[0];
-    let events = &opts.args[1..];
+/// What `sub` and `watch` follow, and the last id printed for each event.
+struct Follow {
+    /// `None` for `watch`.
+    email: Option<String>,
+    events: Vec<String>,
+    /// The last id printed per event; a reconnection asks for what came after it.
+    last: BTreeMap<String, u64>,
+    /// Where `last` is kept across runs.
+    state: Option<PathBuf>,
+    /// `last` changed since the state file was written.
+    unsaved: bool,
+    json: bool,
+}
+
+impl Follow {
+    /// `[--since ID] [--state FILE] [--json] [EMAIL] EVENT...`
+    fn from_args(watch: bool, args: &[String]) -> Result<Follow, String> {
+        let (mut since, mut state, mut json) = (None, None, false);
+        let mut rest = args;
+        while let Some(first) = rest.first() {
+            let take_value = |rest: &[String]| -> Result<String, String> {
+                rest.get(1).cloned().ok_or_else(|| format!("option {first} needs a value"))
+            };
+            match first.as_str() {
+                "--since" => {
+                    let v = take_value(rest)?;
+                    since = Some(parse_id(&v).ok_or_else(|| format!("bad id {v:?} for --since"))?);
+                    rest = &rest[2..];
+                }
+                "--state" => {
+                    state = Some(PathBuf::from(take_value(rest)?));
+                    rest = &rest[2..];
+                }
+                "--json" => {
+                    json = true;
+                    rest = &rest[1..];
+                }
+                "--" => {
+                    rest = &rest[1..];
+                    break;
+                }
+                o if o.starts_with("--") => return Err(format!("unknown option {o}")),
+                _ => break,
+            }
+        }
+        let (email, events) = if watch {
+            (None, rest.to_vec())
+        } else {
+            match rest.split_first() {
+                Some((email, events)) => (Some(email.clone()), events.to_vec()),
+                None => (None, Vec::new()),
+            }
+        };
+        if events.is_empty() {
+            return Err(format!("wrong number of arguments for {}", if watch { "watch" } else { "sub" }));
+        }
+        let mut last = BTreeMap::new();
+        if let Some(id) = since {
+            for ev in &events {
+                last.insert(ev.clone(), id);
+            }
+        }
+        if let Some(path) = &state {
+            // The file knows better than --since: it is where an earlier run stopped.
+            last.extend(read_state(path)?.into_iter().filter(|(ev, _)| events.contains(ev)));
+        }
+        Ok(Follow { email, events, last, state, unsaved: false, json })
+    }
+
+    /// The command that starts the live part of `event`, with SINCE the last id
+    /// printed when the server can replay.
+    fn command(&self, event: &str, can_replay: bool) -> String {
+        let mut line = match &self.email {
+            Some(email) => format!("SUB {event} {email}"),
+            None => format!("WATCH {event}"),
+        };
+        if let (true, Some(id)) = (can_replay, self.last.get(event)) {
+            line.push_str(&format!(" SINCE {id}"));
+        }
+        line.push_str("\r\n");
+        line
+    }
+
+    /// Handles one line that is not a reply: `MSG` is printed, `GAP` told on stderr.
+    fn show(&mut self, line: &str) -> Result<(), Failure> {
+        if let Some(rest) = line.strip_prefix("MSG ") {
+            let mut f = rest.splitn(3, ' ');
+            let (event, id, text) = (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            if self.json {
+                print_line(&format!(
+                    "{{\"event\":{},\"id\":{},\"text\":{}}}",
+                    json_string(event),
+                    id.parse::<u64>().map_or_else(|_| json_string(id), |n| n.to_string()),
+                    json_string(text)
+                ))?;
+            } else {
+                print_line(rest)?;
+            }
+            if let Some(id) = parse_id(id) {
+                let last = self.last.entry(event.to_string()).or_insert(0);
+                *last = (*last).max(id);
+                self.unsaved = true;
+            }
+        } else if let Some(rest) = line.strip_prefix("GAP ") {
+            let f: Vec<&str> = rest.split(' ').collect();
+            if let [event, from, to] = f[..] {
+                eprintln!(
+                    "notif: GAP {event} {from} {to}: notifications {from} to {to} are no longer kept; \
+                     those of {event} among them are lost"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state file if something was printed since; called when no more input
+    /// is buffered, so a busy stream is not written at every line.
+    fn save(&mut self) {
+        if !self.unsaved {
+            return;
+        }
+        self.unsaved = false;
+        if let Some(path) = &self.state {
+            if let Err(e) = write_state(path, &self.last) {
+                eprintln!("notif: cannot write {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// A notification id: digits only, 0 to 2^63 − 1.
+fn parse_id(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u64>().ok().filter(|&n| n <= i64::MAX as u64)
+}
+
+/// The state file: one `EVENT ID` line per event. A missing file is an empty state.
+fn read_state(path: &Path) -> Result<BTreeMap<String, u64>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut last = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next().and_then(parse_id), f.next()) {
+            (None, _, _) => {}
+            (Some(ev), Some(id), None) => {
+                last.insert(ev.to_string(), id);
+            }
+            _ => return Err(format!("{}:{}: expected \"EVENT ID\"", path.display(), n + 1)),
+        }
+    }
+    Ok(last)
+}
+
+/// Writes the state file atomically: a temporary file beside it, synced, renamed over it.
+fn write_state(path: &Path, last: &BTreeMap<String, u64>) -> io::Result<()> {
+    let mut text = String::new();
+    for (ev, id) in last {
+        text.push_str(&format!("{ev} {id}\n"));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `s` as a JSON string, quotes included.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `sub` and `watch`: start the live part of every event, print every notification,
+/// and when the connection drops, come back and resume each event after the last id
+/// printed: the first try at once, then with growing, jittered delays. Only the first
+/// connection's failures end the program; after that it keeps trying.
+fn subscribe_forever(
+    opts: &Options,
+    tls: Option<&Arc<ClientConfig>>,
+    mut stream: Follow,
+) -> Result<(), Failure> {
     let mut conn = Connection::open(opts, tls)?;
-    subscribe(&mut conn, email, events, true)?;
-    let mut delay = RECONNECT_FIRST;
+    subscribe(&mut conn, &mut stream, true)?;
     let mut seed = jitter_seed();
     loop {
         let since = Instant::now();
-        let why = match receive(&mut conn) {
+        let why = match receive(&mut conn, &mut stream) {
             Ok(()) => unreachable!("receive returns only on failure"),
             Err(Failure::StdoutClosed) => return Ok(()),
             Err(e) => e,
         };
-        if since.elapsed() >= STABLE_AFTER {
-            delay = RECONNECT_FIRST;
+        stream.save();
+        eprintln!("notif: connection lost ({why}); reconnecting");
+        let mut delay = RECONNECT_FIRST;
+        if since.elapsed() < Duration::from_secs(1) {
+            // Dropped again at once: do not hammer a server that keeps failing.
+            thread::sleep(jittered(RECONNECT_FIRST, &mut seed));
         }
         conn = loop {
-            let wait = jittered(delay, &mut seed);
-            eprintln!("notif: connection lost ({why}); reconnecting in {:.1}s", wait.as_secs_f64());
-            thread::sleep(wait);
-            delay = (delay * 2).min(RECONNECT_MAX);
             let attempt = Connection::open(opts, tls).and_then(|mut c| {
-                subscribe(&mut c, email, events, false)?;
+                subscribe(&mut c, &mut stream, false)?;
                 Ok(c)
             });
-            match attempt {
+            let failed = match attempt {
                 Ok(c) => {
-                    eprintln!(
-                        "notif: reconnected to {}, subscribed again to {} event(s)",
-                        c.peer,
-                        events.len()
-                    );
+                    eprintln!("notif: reconnected to {}, resumed {} event(s)", c.peer, stream.events.len());
                     break c;
                 }
                 Err(Failure::StdoutClosed) => return Ok(()),
@@ -627,8 +834,12 @@ fn subscribe_forever(opts: &Options, tls: Option<&Arc<ClientConfig>>) -> Result<
                 Err(Failure::Server(line)) if !retryable(&line) => {
                     return Err(Failure::Server(line));
                 }
-                Err(e) => eprintln!("notif: reconnect failed: {e}"),
-            }
+                Err(e) => e,
+            };
+            let wait = jittered(delay, &mut seed);
+            eprintln!("notif: reconnect failed ({failed}); retrying in {:.1}s", wait.as_secs_f64());
+            thread::sleep(wait);
+            delay = (delay * 2).min(RECONNECT_MAX);
         };
     }
 }
@@ -639,20 +850,19 @@ fn retryable(line: &str) -> bool {
     line.starts_with("-ERR BUSY") || line.starts_with("-ERR UNAVAILABLE")
 }
 
-/// Sends every SUB at once (pipelined) and waits for their replies, printing any
-/// notification that arrives meanwhile (the live subscription starts before the `+OK`).
-fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool) -> Result<(), Failure> {
-    let mut batch = String::new();
-    for ev in events {
-        batch.push_str(&format!("SUB {ev} {email}\r\n"));
+/// Sends every SUB or WATCH at once (pipelined) and waits for their replies, printing
+/// any notification that arrives meanwhile (the live part starts before the `+OK`).
+fn subscribe(conn: &mut Connection, stream: &mut Follow, first: bool) -> Result<(), Failure> {
+    let can_replay = conn.abilities.iter().any(|a| a == "since");
+    if stream.email.is_none() && !conn.abilities.iter().any(|a| a == "watch") {
+        return Err(Failure::Server(format!("{}: this server does not know WATCH", conn.peer)));
     }
+    let batch: String = stream.events.iter().map(|ev| stream.command(ev, can_replay)).collect();
     conn.write(batch.as_bytes())?;
     let mut acked = 0;
-    while acked < events.len() {
+    while acked < stream.events.len() {
         let line = conn.line()?;
-        if let Some(rest) = line.strip_prefix("MSG ") {
-            print_msg(rest)?;
-        } else if is_ok(&line) {
+        if is_ok(&line) {
             acked += 1;
         } else if line.starts_with("-ERR UNAVAILABLE") && !first {
             // The live subscription stays; the stored one is already there from before.
@@ -660,6 +870,8 @@ fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool)
             acked += 1;
         } else if is_err(&line) {
             return Err(Failure::Server(line));
+        } else {
+            stream.show(&line)?;
         }
     }
     // Subscribers idle for hours: no read timeout, but TCP keepalive notices a dead peer.
@@ -674,21 +886,19 @@ fn subscribe(conn: &mut Connection, email: &str, events: &[String], first: bool)
 }
 
 /// Prints notifications until the connection ends; always returns an error.
-fn receive(conn: &mut Connection) -> Result<(), Failure> {
+fn receive(conn: &mut Connection, stream: &mut Follow) -> Result<(), Failure> {
     loop {
+        if conn.reader.buffer().is_empty() {
+            // About to wait for the network: a good moment to write the state.
+            stream.save();
+        }
         let line = conn.line()?;
-        if let Some(rest) = line.strip_prefix("MSG ") {
-            print_msg(rest)?;
-        } else if is_err(&line) {
-            // Typically `-ERR BUSY shutting down` just before the server closes.
+        if is_err(&line) {
+            // `-ERR BUSY shutting down`, `-ERR BUSY slow consumer`: the server closes next.
             return Err(Failure::Connect(format!("server said {line}")));
         }
+        stream.show(&line)?;
     }
-}
-
-/// `MSG <event> <id> <text>` is printed as `<event> <id> <text>`.
-fn print_msg(rest: &str) -> Result<(), Failure> {
-    print_line(rest)
 }
 
 fn jitter_seed() -> u64 {
@@ -768,6 +978,62 @@ mod tests {
         assert_eq!(parse_env(&["ping"], &[("NOTIF_TOKEN", "")]).unwrap().unwrap().token, None);
         let e = parse_env(&["ping"], &[("NOTIF_PORT", "x")]).err().unwrap();
         assert!(e.starts_with("NOTIF_PORT: "), "{e}");
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn stream_options_and_resume_commands() {
+        let s = Follow::from_args(false, &strings(&["--since", "17", "--json", "a@b", "e", "f"])).unwrap();
+        assert_eq!((s.email.as_deref(), s.json, s.events.len()), (Some("a@b"), true, 2));
+        assert_eq!(s.command("e", true), "SUB e a@b SINCE 17\r\n");
+        assert_eq!(s.command("e", false), "SUB e a@b\r\n");
+        let mut w = Follow::from_args(true, &strings(&["e"])).unwrap();
+        assert_eq!(w.command("e", true), "WATCH e\r\n");
+        w.json = true;
+        let _ = w.show("GAP e 1 5");
+        assert_eq!(w.command("e", true), "WATCH e\r\n", "a GAP is not an id received");
+        for (args, want) in [
+            (&["--since"][..], "option --since needs a value"),
+            (&["--since", "-1", "e"], "bad id \"-1\" for --since"),
+            (&["--since", "9223372036854775808", "e"], "bad id \"9223372036854775808\" for --since"),
+            (&["--frob", "e"], "unknown option --frob"),
+            (&["--json"], "wrong number of arguments for watch"),
+        ] {
+            assert_eq!(Follow::from_args(true, &strings(args)).err().as_deref(), Some(want), "{args:?}");
+        }
+        assert!(Follow::from_args(false, &strings(&["a@b"])).is_err());
+        // Event names may start with a dash after `--`.
+        assert_eq!(Follow::from_args(true, &strings(&["--", "--e"])).unwrap().events, ["--e"]);
+    }
+
+    #[test]
+    fn state_file_round_trips_and_beats_since() {
+        let dir = std::env::temp_dir().join(format!("notif-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        let mut last = BTreeMap::new();
+        last.insert("e".to_string(), 42u64);
+        last.insert("x".to_string(), 7u64);
+        write_state(&path, &last).unwrap();
+        assert_eq!(read_state(&path).unwrap(), last);
+        let p = path.to_str().unwrap();
+        let s = Follow::from_args(true, &strings(&["--since", "3", "--state", p, "e", "f"])).unwrap();
+        assert_eq!(s.command("e", true), "WATCH e SINCE 42\r\n");
+        assert_eq!(s.command("f", true), "WATCH f SINCE 3\r\n");
+        assert!(!s.last.contains_key("x"), "an event not followed is left out");
+        std::fs::write(&path, "e 1 2\n").unwrap();
+        assert!(read_state(&path).unwrap_err().contains(":1: expected"));
+        assert!(read_state(&dir.join("missing")).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a \"b\" \\ c\td\u{1}é"), "\"a \\\"b\\\" \\\\ c\\td\\u0001é\"");
+        assert_eq!(json_string(""), "\"\"");
     }
 
     #[test]

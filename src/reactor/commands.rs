@@ -26,7 +26,7 @@ impl Reactor {
             Err(e) => return self.reply_err(key, e.code, &e.text),
         };
         match cmd {
-            Command::Sub { event, email } => self.sub(key, event, &email),
+            Command::Sub { event, email, since } => self.sub(key, event, &email, since),
             Command::Unsub { event, email } => self.unsub(key, event, &email),
             Command::Pub { event, text } => self.publish(key, event, text),
             Command::Auth { token } => self.auth(key, token),
@@ -34,6 +34,8 @@ impl Reactor {
             Command::Ping { text } => self.ping(key, text),
             Command::Quit => self.quit(key),
             Command::Stats => self.stats(key),
+            Command::Watch { event, since } => self.watch(key, event, since),
+            Command::Unwatch { event } => self.unwatch(key, event),
         }
     }
 
@@ -55,12 +57,15 @@ impl Reactor {
         self.clients.mark_dirty(key);
     }
 
-    fn sub(&mut self, key: usize, event: &str, email: &str) {
+    /// Starts the live pair (a WATCH's email is `replay::WATCH`); false when refused
+    /// for `max_subs_per_conn` (the client is told).
+    pub(super) fn add_live(&mut self, key: usize, event: &str, email: &str) -> bool {
         let c = &self.clients.conns[key];
         if !c.subs.contains(event, email) {
             if c.subs.len() >= self.cfg.max_subs_per_conn as usize {
                 let text = format!("at most {} subscriptions per connection", self.cfg.max_subs_per_conn);
-                return self.reply_err(key, Code::Limit, &text);
+                self.reply_err(key, Code::Limit, &text);
+                return false;
             }
             let ev = match self.clients.index.get_key_value(event) {
                 Some((k, _)) => Rc::clone(k),
@@ -72,6 +77,15 @@ impl Reactor {
                 live.add(&ev, email);
             }
             self.clients.index.entry(ev).or_default().insert(key);
+        }
+        true
+    }
+
+    fn sub(&mut self, key: usize, event: &str, email: &str, since: Option<u64>) {
+        // SINCE on an event this connection already receives replays nothing.
+        let fresh = !self.clients.conns[key].subs.has_event(event);
+        if !self.add_live(key, event, email) {
+            return;
         }
         let now = crate::ipc::unix_now();
         self.store_request(
@@ -87,6 +101,11 @@ impl Reactor {
             },
             0,
         );
+        if let Some(since) = since.filter(|_| fresh) {
+            let c = &self.clients.conns[key];
+            let seq = c.first_seq + c.slots.len() as u64 - 1;
+            self.begin_replay(key, event, since, Some(seq));
+        }
     }
 
     fn unsub(&mut self, key: usize, event: &str, email: &str) {
@@ -97,6 +116,7 @@ impl Reactor {
             }
             if !c.subs.has_event(event) {
                 self.clients.unindex(key, event);
+                self.end_replay(key, event);
             }
         }
         self.store_request(
@@ -112,7 +132,7 @@ impl Reactor {
         );
     }
 
-    fn may_publish(&self, c: &Conn) -> bool {
+    pub(super) fn may_publish(&self, c: &Conn) -> bool {
         if self.cfg.publish_token.is_empty() {
             c.loopback
         } else {
@@ -144,7 +164,9 @@ impl Reactor {
                     continue;
                 }
                 let (sa, sb) = c.shared;
-                if shareable && c.out.is_empty() && (sa == sb || sb as usize == a) {
+                if c.replay.is_some() && super::replay::hold(c, event, id, &self.fan[a..b]) {
+                    // Held until the replay of this event ends; counted in unsent().
+                } else if shareable && c.out.is_empty() && (sa == sb || sb as usize == a) {
                     c.shared = (if sa == sb { a as u32 } else { sa }, b as u32);
                 } else {
                     c.unshare(&self.fan);

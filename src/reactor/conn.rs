@@ -77,6 +77,9 @@ pub struct Conn {
     pub counted: usize,
     /// Dropped with `-ERR BUSY`: draining its last line, closed after a short linger.
     pub lingering: bool,
+    /// Its replays (SINCE) under way; `None` for almost every connection, so that the
+    /// publish path pays one branch for replay.
+    pub replay: Option<Box<super::replay::ConnReplays>>,
 }
 
 impl Conn {
@@ -109,6 +112,7 @@ impl Conn {
             last_cmd: now,
             counted: 0,
             lingering: false,
+            replay: None,
         }
     }
 
@@ -132,9 +136,10 @@ impl Conn {
         }
     }
 
-    /// Bytes waiting to be sent.
+    /// Bytes waiting to be sent, live lines held by a replay included.
     pub fn unsent(&self) -> usize {
-        self.out.len() + (self.shared.1 - self.shared.0) as usize
+        let held = self.replay.as_ref().map_or(0, |r| r.held_bytes());
+        self.out.len() + (self.shared.1 - self.shared.0) as usize + held
     }
 
     /// A reply that is ready now: straight to the output when nothing waits before it.

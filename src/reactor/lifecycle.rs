@@ -202,6 +202,7 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         max_pending,
         max_inflight,
         max_subs_per_conn,
+        max_replays,
         tcp_keepalive,
         publish_token,
         publish_token_file,

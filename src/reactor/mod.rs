@@ -14,7 +14,7 @@
 //! losing and restarting the children), `lifecycle` (reload and graceful stop), `limits`
 //! (per-address and per-network bounds, idle connections, the total output budget),
 //! `http_side` (the HTTP listener, its connections, and the numbers of STATS and
-//! `/metrics`).
+//! `/metrics`), `replay` (WATCH, and SINCE's replays).
 
 mod child_link;
 mod client_io;
@@ -24,6 +24,7 @@ mod http_side;
 mod lifecycle;
 mod limits;
 mod mail_router;
+mod replay;
 mod store_link;
 mod subs;
 mod supervise;
@@ -136,6 +137,8 @@ pub struct Reactor {
     store: StoreLink,
     mailers: Vec<MailerLink>,
     mail: MailRouter,
+    /// The connections replaying kept notifications (SINCE).
+    replays: replay::Replays,
     /// Children whose pipe still had data when their read budget ran out.
     resume_child: Vec<ChildId>,
     /// This turn's MSG lines, each formatted once and shared by every subscriber (see
@@ -175,6 +178,7 @@ impl Reactor {
             store: StoreLink::new(cfg.store_settings()),
             mailers: (0..workers).map(MailerLink::new).collect(),
             mail: MailRouter::new(mail),
+            replays: replay::Replays::default(),
             resume_child: Vec::new(),
             fan: Vec::with_capacity(64 * 1024),
             token_gen: 1,
@@ -269,6 +273,7 @@ impl Reactor {
         }
         self.resume_conns();
         self.pump_mail(now);
+        self.pump_replays();
         self.flush_children();
         self.flush_conns();
         self.reap_conns();
@@ -292,6 +297,7 @@ impl Reactor {
         if !self.clients.resume.is_empty()
             || !self.clients.closing.is_empty()
             || !self.resume_child.is_empty()
+            || self.replays_want_turn()
         {
             return Some(Duration::ZERO);
         }

@@ -32,6 +32,8 @@ pub(super) enum Target {
     MailDone,
     /// An HTTP connection's request (`/metrics`).
     Http { key: usize, conn_id: u64 },
+    /// A part of a connection's replay (see `replay`).
+    Replay { key: usize, conn_id: u64 },
 }
 
 /// A request sent to the store and not yet answered.
@@ -148,16 +150,17 @@ impl Reactor {
 
     /// Sends the record `make` builds around a new request id, and keeps it until the
     /// store answers (for replay after a store restart).
-    pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) {
+    pub(super) fn send_store(&mut self, make: impl FnOnce(u64) -> ToStore, target: Target) -> u64 {
         let req = self.store.next_req;
         self.store.next_req += 1;
         let record = make(req);
         self.store.child.send(&record);
         let sent = Instant::now();
-        if matches!(target, Target::Reply { .. }) {
+        if matches!(target, Target::Reply { .. } | Target::Replay { .. }) {
             self.store.sent.push_back((sent, req));
         }
         self.store.pending.insert(req, Request { record, target, deaths: 0, sent });
+        req
     }
 
     /// The next notification id; `None` when no block is reserved (`can_take` checks
@@ -206,6 +209,7 @@ impl Reactor {
                     self.fail_reply(&r.target, "unexpected answer from the store");
                 }
             }
+            FromStore::Replayed { req, rows, deleted, more } => self.replay_part(req, rows, deleted, more),
         }
         Ok(())
     }
@@ -217,7 +221,12 @@ impl Reactor {
                 Some(c) if c.id == conn_id && c.state != State::Closing => Some((key, seq)),
                 _ => None,
             },
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Http { .. } => None,
+            Target::Orphan
+            | Target::Ids
+            | Target::TakeMail
+            | Target::MailDone
+            | Target::Http { .. }
+            | Target::Replay { .. } => None,
         }
     }
 
@@ -225,6 +234,8 @@ impl Reactor {
         let Some(r) = self.store.pending.remove(&req) else { return };
         match r.target {
             Target::MailDone | Target::Orphan | Target::Ids | Target::TakeMail | Target::Http { .. } => {}
+            // A store that answers a replay part with Done is broken.
+            Target::Replay { .. } => self.fail_reply(&r.target, "unexpected answer from the store"),
             Target::Reply { n, .. } => {
                 if let ToStore::Publish { mail, .. } = &r.record {
                     if *mail != MailPlan::Nobody {
@@ -248,7 +259,8 @@ impl Reactor {
                     | ToStore::ListPairs { .. }
                     | ToStore::Confirm { .. }
                     | ToStore::OptOut { .. }
-                    | ToStore::OpenLink { .. } => {
+                    | ToStore::OpenLink { .. }
+                    | ToStore::Replay { .. } => {
                         protocol::err(out, Code::Unavailable, "unexpected answer from the store")
                     }
                 });
@@ -260,7 +272,7 @@ impl Reactor {
         let Some(r) = self.store.pending.remove(&req) else { return };
         log::warn!("store: request failed: {reason}");
         match r.target {
-            Target::Reply { .. } => self
+            Target::Reply { .. } | Target::Replay { .. } => self
                 .fail_reply(&r.target, "the database reported an error; it may or may not have taken effect"),
             Target::Orphan => {}
             Target::Http { key, conn_id } => self.http_store_failed(key, conn_id),
@@ -300,7 +312,12 @@ impl Reactor {
                 *listed += rows.len() as u64;
                 *listed
             }
-            Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone | Target::Http { .. } => 0,
+            Target::Orphan
+            | Target::Ids
+            | Target::TakeMail
+            | Target::MailDone
+            | Target::Http { .. }
+            | Target::Replay { .. } => 0,
         };
         if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
@@ -334,6 +351,8 @@ impl Reactor {
             }
             Target::Http { key, conn_id } => self.http_metrics(key, conn_id, &metrics),
             Target::Orphan | Target::Ids | Target::TakeMail | Target::MailDone => {}
+            // A store that answers a replay part with counts is broken.
+            Target::Replay { .. } => self.fail_reply(&r.target, "unexpected answer from the store"),
         }
     }
 
@@ -385,6 +404,9 @@ impl Reactor {
     /// Answers a client's request with `-ERR UNAVAILABLE <text>`, dropping any part of
     /// a LIST reply gathered so far.
     pub(super) fn fail_reply(&mut self, target: &Target, text: &str) {
+        if let Target::Replay { key, conn_id } = *target {
+            return self.replay_interrupted(key, conn_id);
+        }
         if let Some((key, seq)) = self.reply_slot(target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
                 slot.data.clear();

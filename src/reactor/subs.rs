@@ -184,8 +184,12 @@ impl LiveAddrs {
         live
     }
 
-    /// One more connection holds the pair.
+    /// One more connection holds the pair. A WATCH (kept as the pair with an empty
+    /// address, see `replay::WATCH`) has no address to leave out of the email.
     pub fn add(&mut self, event: &Rc<str>, email: &str) {
+        if email.is_empty() {
+            return;
+        }
         let addrs = self.events.entry(Rc::clone(event)).or_default();
         if let Some(h) = addrs.get_mut(email) {
             h.conns += 1;
@@ -196,6 +200,9 @@ impl LiveAddrs {
 
     /// One connection fewer holds the pair.
     pub fn remove(&mut self, event: &str, email: &str) {
+        if email.is_empty() {
+            return;
+        }
         let Some(addrs) = self.events.get_mut(event) else { return };
         let Some(h) = addrs.get_mut(email) else { return };
         h.conns -= 1;

@@ -198,7 +198,11 @@ impl Reactor {
                     self.ask_ids();
                 }
                 Target::TakeMail => self.mail.asking = false,
-                Target::Reply { .. } | Target::Orphan | Target::MailDone | Target::Http { .. } => {}
+                Target::Reply { .. }
+                | Target::Orphan
+                | Target::MailDone
+                | Target::Http { .. }
+                | Target::Replay { .. } => {}
             }
         }
     }

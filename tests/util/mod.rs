@@ -796,3 +796,16 @@ pub fn server_unread(client: SocketAddr, server_port: u16) -> Option<u64> {
     }
     None
 }
+
+/// Waits (up to [`WAIT`]) for a line containing `word` on `lines`, skipping others, and
+/// returns it: what a child process said on its stderr. `who` names it in the panic.
+pub fn said(lines: &std::sync::mpsc::Receiver<String>, word: &str, who: &str) -> String {
+    let end = Instant::now() + WAIT;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|_| panic!("{who} never said {word:?}"));
+        if line.contains(word) {
+            return line;
+        }
+    }
+}

@@ -19,6 +19,10 @@ scenarios:
   durable   notifd only: --conns pipelining connections, --inflight commands each,
             --kind sub|pub, for --duration seconds
   sqlite    no server: SQLite rows/s in --db, one transaction per row and batched
+  replay    notifd only: one connection's replay (WATCH SINCE 0) of --count kept
+            notifications, MSGs/s
+  replay-fill  no server: adds --count notifications of --payload bytes to the
+            database --db of a stopped notifd, for replay
 options:
   --server notifd|redis|nats|mqtt   --addr 127.0.0.1:PORT   --payload 64
   --timeout SECONDS (whole run, default 120)";
@@ -46,6 +50,7 @@ pub struct Args {
     pub kind: String,
     pub db: PathBuf,
     pub payload: usize,
+    pub count: u64,
     pub timeout: Duration,
 }
 
@@ -69,6 +74,7 @@ pub fn parse_args() -> Result<Args, String> {
         kind: "sub".into(),
         db: PathBuf::from("notif-bench.db"),
         payload: 64,
+        count: 1_000_000,
         timeout: Duration::from_secs(120),
     };
     let argv: Vec<String> = env::args().skip(1).collect();
@@ -114,6 +120,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--kind" => a.kind = v.clone(),
             "--db" => a.db = PathBuf::from(v),
             "--payload" => a.payload = num(v)? as usize,
+            "--count" => a.count = num(v)?,
             "--timeout" => a.timeout = secs(v)?,
             _ => return Err(format!("unknown option {k}")),
         }

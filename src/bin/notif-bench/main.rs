@@ -50,6 +50,8 @@ fn main() -> ExitCode {
         "conns" => scenarios::conns::run(&args),
         "durable" => scenarios::durable::run(&args),
         "sqlite" => scenarios::sqlite::run(&args),
+        "replay" => scenarios::replay::run(&args),
+        "replay-fill" => scenarios::replay::fill(&args),
         other => Err(format!("unknown scenario {other:?}")),
     };
     match r {

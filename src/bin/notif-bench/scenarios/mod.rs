@@ -3,6 +3,7 @@
 pub mod conns;
 pub mod durable;
 pub mod flows;
+pub mod replay;
 pub mod sqlite;
 
 /// `RESULT key=value ...`: the line bench/run.sh reads.
