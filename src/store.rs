@@ -1096,15 +1096,15 @@ mod tests {
         s.cleanup(0).unwrap();
         assert_eq!(s.deleted_max().unwrap(), 4);
         drop(s);
-        // A reopened database keeps it; schema 2 is there.
+        // A reopened database keeps it; schema 3 is there.
         let db = open(&dir.path().join("t.db"), &settings()).unwrap();
         let v: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(v, SCHEMA_VERSION);
         assert_eq!(Store::new(db, settings()).unwrap().deleted_max().unwrap(), 4);
     }
 
     #[test]
-    fn a_schema_1_database_is_migrated_to_2() {
+    fn a_schema_1_database_is_migrated_to_the_replay_step() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         {
