@@ -180,7 +180,11 @@ impl Config {
         let doc = ImDocument::parse(text).map_err(|e| ConfigError {
             file: name.into(),
             line: e.span().map(|s| line_of(s.start)),
-            msg: e.message().trim().replace('\n', " "),
+            // toml_edit has no message for some errors (a lone CR).
+            msg: match e.message().trim() {
+                "" => "invalid TOML".into(),
+                m => m.replace('\n', " "),
+            },
         })?;
         let mut cfg = Config::default();
         for (key, item) in doc.as_table().iter() {
@@ -530,6 +534,14 @@ log_level = "debug"
             "test.conf line 1: \"server\": tables are not used; every key is flat"
         );
         assert!(parse("port = 1\nport = 2\n").is_err());
+    }
+
+    /// Found by the config_text fuzz target: toml_edit has no message for a lone CR.
+    #[test]
+    fn a_syntax_error_always_says_something() {
+        let e = parse("\r").unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(!e.msg.trim().is_empty(), "{e:?}");
     }
 
     #[test]
