@@ -883,19 +883,29 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Keys of later versions that a soak from one address needs, kept only when the binary
-/// knows them (an unknown key is a configuration error).
+/// Keys of later versions that a soak from one address needs, each with the largest
+/// value the binary accepts; left out when the binary does not know the key (an unknown
+/// key is a configuration error).
 fn optional_keys() -> String {
     let mut keep = String::new();
-    for line in ["max_clients_per_net = 100000", "auth_fail_limit = 100000"] {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let conf = util::write_config(dir.path(), line);
-        let key = line.split(' ').next().unwrap();
-        let res = std::process::Command::new(util::bin()).arg("-t").arg("-c").arg(&conf).output();
-        let Ok(res) = res else { continue };
-        if !String::from_utf8_lossy(&res.stderr).contains(key) {
-            keep.push_str(line);
-            keep.push('\n');
+    for key in ["max_clients_per_net", "auth_fail_limit"] {
+        for value in [1_000_000, 100_000, 10_000, 1000] {
+            let line = format!("{key} = {value}");
+            let dir = tempfile::tempdir().expect("temporary folder");
+            let conf = util::write_config(dir.path(), &line);
+            let Ok(res) = std::process::Command::new(util::bin()).arg("-t").arg("-c").arg(&conf).output()
+            else {
+                break;
+            };
+            let err = String::from_utf8_lossy(&res.stderr);
+            if err.contains(&format!("unknown key \"{key}\"")) {
+                break;
+            }
+            if !err.contains(key) {
+                keep.push_str(&line);
+                keep.push('\n');
+                break;
+            }
         }
     }
     keep
@@ -955,6 +965,7 @@ fn soak() {
          mail_retry_base = 1\n{}",
         optional_keys()
     );
+    eprintln!("soak: configuration beyond the test defaults: {}", extra.trim_end().replace('\n', "; "));
     let mut d = Daemon::start(&extra);
     let reactor = d.pid();
     let mut all = Outcome::default();
