@@ -35,6 +35,8 @@ const SLOW_EMAIL: &str = "slow@soak.test";
 const REPLY_WAIT: Duration = Duration::from_secs(75);
 /// The daemon's `max_line` (the default).
 const MAX_LINE: usize = 4096;
+/// The daemon's `max_pending`, small so that a slow reader is dropped within seconds.
+const MAX_PENDING: usize = 256 << 10;
 /// How far above its start the reactor's RSS may end.
 const RSS_SLACK: u64 = 32 << 20;
 
@@ -605,7 +607,7 @@ fn publish(c: &mut Conn, out: &mut Outcome, token: u64, ev: &str, pad: usize) ->
 
 // ---- the other clients -----------------------------------------------------------------
 
-/// Large publications on FLOOD, ten a second, for the slow readers to fall behind on.
+/// Large publications on FLOOD, twenty a second (80 kB/s), for the slow readers to fall behind on.
 fn flood(ctx: &Ctx, id: u64) -> Outcome {
     let mut out = Outcome::default();
     let mut seq = 0;
@@ -619,7 +621,7 @@ fn flood(ctx: &Ctx, id: u64) -> Outcome {
             if let Next::Dead = publish(&mut c, &mut out, (id << 32) | seq, FLOOD, 3900) {
                 break;
             }
-            ctx.pause(Duration::from_millis(100));
+            ctx.pause(Duration::from_millis(50));
         }
     }
     out
@@ -652,8 +654,11 @@ fn slow_reader(ctx: &Ctx, seed: u64) -> Outcome {
             }
             _ => continue,
         }
-        let session = Instant::now() + rng.millis(10_000, 60_000);
         let trickle = rng.chance(50);
+        // Long enough for a reader that reads nothing to fill the kernel's buffers (the
+        // server's send buffer grows to megabytes) and then max_pending.
+        let session =
+            Instant::now() + if trickle { rng.millis(20_000, 60_000) } else { rng.millis(60_000, 120_000) };
         let mut dropped = false;
         while Instant::now() < session && !ctx.over() && !dropped {
             if trickle {
@@ -962,7 +967,7 @@ fn soak() {
 
     let extra = format!(
         "mail_transport = \"spool\"\nmail_policy = \"all\"\nlog_level = \"info\"\nmax_clients_per_ip = 100000\n\
-         mail_retry_base = 1\n{}",
+         mail_retry_base = 1\nmax_pending = {MAX_PENDING}\n{}",
         optional_keys()
     );
     eprintln!("soak: configuration beyond the test defaults: {}", extra.trim_end().replace('\n', "; "));
@@ -1051,6 +1056,7 @@ fn soak() {
     } else {
         failures.push(format!("zombie children of the reactor: {zombies:?}"));
     }
+    let slow_logged = d.log_count("slow consumer");
     let children = d.all_child_pids();
     let stores = d.child_pids("notifd-store").len();
     let mailers = d.mailer_pids().len();
@@ -1204,6 +1210,12 @@ fn soak() {
         n("kills_mailer")
     );
     eprintln!("  MSGs received {}; distinct ids {}", all.msgs.len(), by_id.len());
+    eprintln!(
+        "  slow readers: {} sessions, {} dropped, {} saw -ERR BUSY; slow consumers in the log {slow_logged}",
+        n("slow_sessions"),
+        n("slow_dropped"),
+        n("slow_busy_line")
+    );
     eprintln!(
         "  checked: {subs_checked} SUB pairs held, {unsubs_checked} UNSUB pairs gone, {} acknowledged PUBs, \
          {emails_checked} emails ({} outbox rows, {} spool files)",
