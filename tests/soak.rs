@@ -957,34 +957,38 @@ fn must_email(ops: &[Op], sent: Instant) -> bool {
     !ops[i + 1..].iter().any(|o| !o.sub)
 }
 
-#[test]
-#[ignore = "minutes long; run by make soak"]
-fn soak() {
-    let seconds = env_u64("SOAK_SECONDS", 600);
-    let clients = env_u64("SOAK_CLIENTS", 200);
-    let seed = env_u64("SOAK_SEED", clock_seed());
-    eprintln!("soak: {seconds} s, {clients} command clients, seed {seed}");
+/// What the checks found: figures for the summary, the checks that passed, the failures.
+#[derive(Default)]
+struct Verdict {
+    figures: Vec<String>,
+    passed: Vec<&'static str>,
+    failures: Vec<String>,
+}
 
-    let extra = format!(
-        "mail_transport = \"spool\"\nmail_policy = \"all\"\nlog_level = \"info\"\nmax_clients_per_ip = 100000\n\
-         mail_retry_base = 1\nmax_pending = {MAX_PENDING}\n{}",
-        optional_keys()
-    );
-    eprintln!("soak: configuration beyond the test defaults: {}", extra.trim_end().replace('\n', "; "));
-    let mut d = Daemon::start(&extra);
-    let reactor = d.pid();
-    let mut all = Outcome::default();
-    stable_pairs(&d, &mut all);
-    let rss_start = util::rss(reactor);
+impl Verdict {
+    /// Records a check; only the first few of its problems are kept.
+    fn check(&mut self, name: &'static str, problems: Vec<String>) {
+        if problems.is_empty() {
+            self.passed.push(name);
+            return;
+        }
+        let more = problems.len().saturating_sub(5);
+        self.failures.extend(problems.into_iter().take(5));
+        if more > 0 {
+            self.failures.push(format!("... and {more} more of \"{name}\""));
+        }
+    }
+}
 
+/// Runs every client and the killer until `seconds` have passed; what they did.
+fn run_load(d: &Daemon, seconds: u64, clients: u64, seed: u64) -> Outcome {
     let ctx = Ctx {
-        daemon: &d,
+        daemon: d,
         addr: d.addr(),
         end: Instant::now() + Duration::from_secs(seconds),
         seed,
         kills: AtomicU64::new(0),
     };
-    let started = Instant::now();
     let ctx = &ctx;
     let mut jobs: Vec<Box<dyn FnOnce() -> Outcome + Send + '_>> = Vec::new();
     for id in 0..clients {
@@ -1014,132 +1018,125 @@ fn soak() {
             .collect();
         handles.into_iter().map(|h| h.join().expect("a client thread panicked")).collect()
     });
-    let load_time = started.elapsed();
+    let mut all = Outcome::default();
     for o in outcomes {
         all.merge(o);
     }
+    all
+}
 
-    let mut failures = std::mem::take(&mut all.failures);
-    let mut checks: Vec<String> = Vec::new();
-
-    // Memory: the clients are gone; the reactor gives back what they cost.
-    let rss_deadline = Instant::now() + Duration::from_secs(30);
+/// The clients are gone: the reactor gives back what they cost (bounded wait).
+fn check_memory(reactor: i32, rss_start: u64, v: &mut Verdict) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut rss_end = util::rss(reactor);
-    while rss_end > rss_start + RSS_SLACK && Instant::now() < rss_deadline {
+    while rss_end > rss_start + RSS_SLACK && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
         rss_end = util::rss(reactor);
     }
+    v.figures.push(format!("reactor RSS: start {} KiB, end {} KiB", rss_start >> 10, rss_end >> 10));
+    let mut problems = Vec::new();
     if rss_end > rss_start + RSS_SLACK {
-        failures.push(format!(
+        problems.push(format!(
             "reactor RSS {} MiB at the end, {} MiB at the start",
             rss_end >> 20,
             rss_start >> 20
         ));
-    } else {
-        checks.push("rss".into());
     }
+    v.check("rss", problems);
+}
 
-    // Processes: no zombie child before the stop, no child left after it.
-    let no_zombie = Instant::now() + Duration::from_secs(10);
+/// No zombie child before the stop, a clean exit on SIGTERM, and no child after it.
+fn check_processes(d: &mut Daemon, v: &mut Verdict) {
+    let reactor = d.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
     let zombies = loop {
         let z: Vec<i32> = util::children_of(reactor)
             .into_iter()
             .filter(|&p| util::stat(p).is_some_and(|(s, _)| s == 'Z'))
             .collect();
-        if z.is_empty() || Instant::now() >= no_zombie {
+        if z.is_empty() || Instant::now() >= deadline {
             break z;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    if zombies.is_empty() {
-        checks.push("no zombie".into());
-    } else {
-        failures.push(format!("zombie children of the reactor: {zombies:?}"));
-    }
-    let slow_logged = d.log_count("slow consumer");
+    v.check("no zombie", zombies.iter().map(|p| format!("zombie child {p} of the reactor")).collect());
+    v.figures.push(format!(
+        "children started: {} stores, {} mailers; slow consumers in the log: {}",
+        d.child_pids("notifd-store").len(),
+        d.mailer_pids().len(),
+        d.log_count("slow consumer")
+    ));
     let children = d.all_child_pids();
-    let stores = d.child_pids("notifd-store").len();
-    let mailers = d.mailer_pids().len();
     let status = d.stop();
+    let mut problems = Vec::new();
     if !status.success() {
-        failures.push(format!("the daemon exited with {status} on SIGTERM"));
+        problems.push(format!("the daemon exited with {status} on SIGTERM"));
     }
-    let gone = Instant::now() + Duration::from_secs(10);
-    while children.iter().any(|&p| util::alive_notifd(p)) && Instant::now() < gone {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children.iter().any(|&p| util::alive_notifd(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<i32> = children.iter().copied().filter(|&p| util::alive_notifd(p)).collect();
-    if left.is_empty() {
-        checks.push("no process left".into());
-    } else {
-        failures.push(format!("children alive after the stop: {left:?}"));
+    for p in children.into_iter().filter(|&p| util::alive_notifd(p)) {
+        problems.push(format!("child {p} alive after the stop"));
     }
+    v.check("clean stop, no process left", problems);
+}
 
-    // Ids: one publication, one id, whoever saw it.
+/// One publication, one id, whoever saw it (its publisher or a subscriber).
+fn check_ids(all: &Outcome, v: &mut Verdict) {
     let mut by_id: HashMap<u64, u64> = HashMap::new();
     let mut by_token: HashMap<u64, u64> = HashMap::new();
-    let mut id_clashes = 0;
+    let mut problems = Vec::new();
     let acked = all.pubs.iter().filter_map(|p| p.acked.map(|(_, id)| (id, p.token)));
     for (id, token) in acked.chain(all.msgs.iter().copied()) {
         if *by_id.entry(id).or_insert(token) != token || *by_token.entry(token).or_insert(id) != id {
-            id_clashes += 1;
-            if id_clashes <= 5 {
-                failures
-                    .push(format!("id {id} / publication {token:016x} seen with another id or publication"));
-            }
+            problems.push(format!("id {id} / publication {token:016x} seen with another id or publication"));
         }
     }
-    if id_clashes == 0 {
-        checks.push("ids unique".into());
-    }
+    v.figures.push(format!("MSGs received {}, distinct ids {}", all.msgs.len(), by_id.len()));
+    v.check("ids unique", problems);
+}
 
-    // The database, read after the stop.
+/// Reads the database (after the stop) and the spool: acknowledged pairs and
+/// publications are there, and so are the emails they owe.
+fn check_database(d: &Daemon, all: &mut Outcome, v: &mut Verdict) {
     let db = d.db();
-    let mut stored: HashSet<(String, String)> = HashSet::new();
     let mut q = db.prepare("SELECT email, event FROM subscriptions").unwrap();
-    for r in q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap() {
-        stored.insert(r.unwrap());
-    }
-    let (mut subs_checked, mut subs_missing, mut unsubs_checked, mut unsubs_present) = (0, 0, 0, 0);
+    let stored: HashSet<(String, String)> =
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    let (mut held, mut gone, mut problems) = (0, 0, Vec::new());
     for (pair, ops) in &mut all.pairs {
         ops.sort_by_key(|o| o.sent);
         match must_hold(ops) {
             Some(true) => {
-                subs_checked += 1;
+                held += 1;
                 if !stored.contains(pair) {
-                    subs_missing += 1;
-                    if subs_missing <= 5 {
-                        failures.push(format!("acknowledged SUB {} {} missing", pair.1, pair.0));
-                    }
+                    problems.push(format!("acknowledged SUB {} {} missing", pair.1, pair.0));
                 }
             }
             Some(false) => {
-                unsubs_checked += 1;
+                gone += 1;
                 if stored.contains(pair) {
-                    unsubs_present += 1;
-                    if unsubs_present <= 5 {
-                        failures.push(format!("acknowledged UNSUB {} {} still stored", pair.1, pair.0));
-                    }
+                    problems.push(format!("acknowledged UNSUB {} {} still stored", pair.1, pair.0));
                 }
             }
             None => {}
         }
     }
-    if subs_missing == 0 && unsubs_present == 0 {
-        checks.push("subscriptions".into());
-    }
+    v.check("subscriptions", problems);
 
-    let mut texts: HashMap<u64, String> = HashMap::new();
     let mut q = db.prepare("SELECT id, text FROM notifications").unwrap();
-    for r in q.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))).unwrap() {
-        let (id, text) = r.unwrap();
-        texts.insert(id, text);
-    }
-    let mut outbox: HashSet<(u64, String)> = HashSet::new();
+    let texts: HashMap<u64, String> = q
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let mut q = db.prepare("SELECT notification_id, email FROM outbox").unwrap();
-    for r in q.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))).unwrap() {
-        outbox.insert(r.unwrap());
-    }
+    let outbox: HashSet<(u64, String)> = q
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let spool: HashSet<String> = std::fs::read_dir(d.path("spool"))
         .map(|it| it.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
@@ -1147,41 +1144,40 @@ fn soak() {
     for ((email, ev), ops) in &all.pairs {
         by_event.entry(ev.as_str()).or_default().push((email.as_str(), ops.as_slice()));
     }
-    let (mut pubs_missing, mut emails_checked, mut emails_missing) = (0, 0, 0);
+    let (mut pubs, mut emails, mut pub_problems, mut email_problems) = (0, 0, Vec::new(), Vec::new());
     for p in &all.pubs {
         let Some((_, id)) = p.acked else { continue };
+        pubs += 1;
         if texts.get(&id).and_then(|t| token_of(t)) != Some(p.token) {
-            pubs_missing += 1;
-            if pubs_missing <= 5 {
-                failures.push(format!(
-                    "acknowledged PUB {id} ({:016x}) missing or wrong in the database",
-                    p.token
-                ));
-            }
+            pub_problems
+                .push(format!("acknowledged PUB {id} ({:016x}) missing or wrong in the database", p.token));
         }
         for (email, ops) in by_event.get(p.event.as_str()).map(Vec::as_slice).unwrap_or_default() {
             if !must_email(ops, p.sent) {
                 continue;
             }
-            emails_checked += 1;
+            emails += 1;
             if !outbox.contains(&(id, email.to_string())) && !spool.contains(&format!("{id}-{email}.eml")) {
-                emails_missing += 1;
-                if emails_missing <= 5 {
-                    failures.push(format!("no email of PUB {id} to {email} in the outbox or the spool"));
-                }
+                email_problems.push(format!("no email of PUB {id} to {email} in the outbox or the spool"));
             }
         }
     }
-    if pubs_missing == 0 {
-        checks.push("publications".into());
-    }
-    if emails_missing == 0 {
-        checks.push("emails".into());
-    }
+    v.check("publications", pub_problems);
+    v.check("emails", email_problems);
+    v.figures.push(format!(
+        "checked: {held} SUB pairs held, {gone} UNSUB pairs gone, {pubs} acknowledged PUBs, {emails} emails \
+         ({} outbox rows, {} spool files)",
+        outbox.len(),
+        spool.len()
+    ));
+    let idle = held == 0 || pubs == 0 || emails == 0;
+    v.check("something to check", if idle { vec!["the load left nothing to check".into()] } else { vec![] });
+}
 
+fn print_summary(all: &Outcome, v: &Verdict, load: Duration, seed: u64) {
     let t = &all.tally;
     let n = |k: &str| t.get(k).copied().unwrap_or(0);
-    eprintln!("soak: summary after {:.0} s of load (seed {seed})", load_time.as_secs_f64());
+    eprintln!("soak: summary after {:.0} s of load (seed {seed})", load.as_secs_f64());
     eprintln!("  tally: {t:?}");
     eprintln!(
         "  commands: SUB {} / +OK {}, UNSUB {} / +OK {}, PUB {} / +OK {}, AUTH {} (refused {}, closed {}), \
@@ -1204,33 +1200,54 @@ fn soak() {
         n("cmd_quit"),
         n("ack_quit"),
     );
+    eprintln!("  kills: store {}, mailer {}", n("kills_store"), n("kills_mailer"));
     eprintln!(
-        "  kills: store {}, mailer {} (stores started {stores}, mailers started {mailers})",
-        n("kills_store"),
-        n("kills_mailer")
-    );
-    eprintln!("  MSGs received {}; distinct ids {}", all.msgs.len(), by_id.len());
-    eprintln!(
-        "  slow readers: {} sessions, {} dropped, {} saw -ERR BUSY; slow consumers in the log {slow_logged}",
+        "  slow readers: {} sessions, {} dropped, {} saw -ERR BUSY",
         n("slow_sessions"),
         n("slow_dropped"),
         n("slow_busy_line")
     );
-    eprintln!(
-        "  checked: {subs_checked} SUB pairs held, {unsubs_checked} UNSUB pairs gone, {} acknowledged PUBs, \
-         {emails_checked} emails ({} outbox rows, {} spool files)",
-        n("ack_pub"),
-        outbox.len(),
-        spool.len()
-    );
-    eprintln!("  reactor RSS: start {} KiB, end {} KiB", rss_start >> 10, rss_end >> 10);
-    eprintln!("  checks passed: {}", checks.join(", "));
-    if !failures.is_empty() {
-        eprintln!("  FAILURES ({} in the clients, first ones and the checks below):", n("failures"));
-        for f in &failures {
+    for f in &v.figures {
+        eprintln!("  {f}");
+    }
+    eprintln!("  checks passed: {}", v.passed.join(", "));
+    if !v.failures.is_empty() {
+        eprintln!("  FAILURES ({} in the clients):", n("failures"));
+        for f in &v.failures {
             eprintln!("    {f}");
         }
     }
-    assert!(failures.is_empty(), "soak failed: {} problems (above)", failures.len());
-    assert!(n("ack_sub") > 0 && n("ack_pub") > 0 && emails_checked > 0, "the load did nothing");
+}
+
+#[test]
+#[ignore = "minutes long; run by make soak"]
+fn soak() {
+    let seconds = env_u64("SOAK_SECONDS", 600);
+    let clients = env_u64("SOAK_CLIENTS", 200);
+    let seed = env_u64("SOAK_SEED", clock_seed());
+    eprintln!("soak: {seconds} s, {clients} command clients, seed {seed}");
+
+    let extra = format!(
+        "mail_transport = \"spool\"\nmail_policy = \"all\"\nlog_level = \"info\"\nmax_clients_per_ip = 100000\n\
+         mail_retry_base = 1\nmax_pending = {MAX_PENDING}\n{}",
+        optional_keys()
+    );
+    eprintln!("soak: configuration beyond the test defaults: {}", extra.trim_end().replace('\n', "; "));
+    let mut d = Daemon::start(&extra);
+    let reactor = d.pid();
+    let mut all = Outcome::default();
+    stable_pairs(&d, &mut all);
+    let rss_start = util::rss(reactor);
+
+    let started = Instant::now();
+    all.merge(run_load(&d, seconds, clients, seed));
+    let load = started.elapsed();
+
+    let mut v = Verdict { failures: std::mem::take(&mut all.failures), ..Verdict::default() };
+    check_memory(reactor, rss_start, &mut v);
+    check_processes(&mut d, &mut v);
+    check_ids(&all, &mut v);
+    check_database(&d, &mut all, &mut v);
+    print_summary(&all, &v, load, seed);
+    assert!(v.failures.is_empty(), "soak failed: {} problems (above)", v.failures.len());
 }
