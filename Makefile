@@ -4,6 +4,8 @@
 #   make run                run notifd in the foreground from ./run, no root
 #                           needed, listening on 127.0.0.1 only
 #   make test               fmt, clippy, cargo test, man page lint
+#   make fuzz               a short run of each fuzz target (FUZZ_SECONDS each)
+#   make soak               the soak test, SOAK_SECONDS long (not part of make test)
 #   make install            install under $(DESTDIR)$(PREFIX) and $(SYSCONFDIR)
 #   make install-init       install the init script (INIT=sysv|openrc|systemd)
 #   make uninstall          remove what "make install" installed, and the init
@@ -47,7 +49,7 @@ MAN7 = man/notifd-protocol.7
 MAN8 = man/notifd.8
 MANPAGES = $(MAN1) $(MAN5) $(MAN7) $(MAN8)
 
-.PHONY: all build run test lint-man bench clean \
+.PHONY: all build run test lint-man bench clean fuzz soak \
 	install uninstall install-init uninstall-init
 
 all: build
@@ -122,6 +124,42 @@ lint-man:
 
 bench:
 	bash bench/run.sh
+
+## make fuzz FUZZ_SECONDS=60: each target of fuzz/ in turn, from its corpus and seeds.
+## cargo-fuzz passes -Z flags to rustc; RUSTC_BOOTSTRAP=1 lets a stable compiler take
+## them. Without an ASan runtime the build is retried with FUZZ_SANITIZER=none. A crash
+## stops the run; its input is in fuzz/artifacts/<target>/.
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= protocol_line ipc_frame config_text
+FUZZ_SANITIZER ?= address
+
+fuzz:
+	@if ! $(CARGO) fuzz --version >/dev/null 2>&1; then \
+		echo "fuzz: cargo-fuzz is missing; installing it: $(CARGO) install --locked cargo-fuzz"; \
+		$(CARGO) install --locked cargo-fuzz || exit 1; \
+	fi
+	@san=$(FUZZ_SANITIZER); \
+	if ! RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -a --sanitizer $$san; then \
+		[ "$$san" != none ] || exit 1; \
+		echo "fuzz: the build with --sanitizer $$san failed; retrying with --sanitizer none"; \
+		san=none; RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -a --sanitizer none || exit 1; \
+	fi; \
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t || exit 1; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s (sanitizer $$san)"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -a --sanitizer $$san $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=30 -print_final_stats=1 || exit 1; \
+	done; \
+	echo "fuzz: $(FUZZ_TARGETS): $(FUZZ_SECONDS) s each, no crash"
+
+## make soak SOAK_SECONDS=600: hundreds of clients against the release daemon while
+## its children are killed, then the checks of tests/soak.rs.
+
+SOAK_SECONDS ?= 600
+
+soak:
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture
 
 clean:
 	$(CARGO) clean

@@ -289,7 +289,11 @@ impl Config {
             let msg = line
                 .and_then(|n| text.lines().nth(n - 1))
                 .and_then(|l| unquoted_string(l, base))
-                .unwrap_or_else(|| e.message().trim().replace('\n', " "));
+                .unwrap_or_else(|| match e.message().trim() {
+                    // toml_edit has no message for some errors (a lone CR).
+                    "" => "invalid TOML".into(),
+                    m => m.replace('\n', " "),
+                });
             ConfigError { file: name.into(), line, msg }
         })?;
         let mut cfg = Config::default();
@@ -1080,6 +1084,14 @@ log_level = "debug"
             "test.conf line 1: \"server\": tables are not used; every key is flat"
         );
         assert!(parse("port = 1\nport = 2\n").is_err());
+    }
+
+    /// Found by the config_text fuzz target: toml_edit has no message for a lone CR.
+    #[test]
+    fn a_syntax_error_always_says_something() {
+        let e = parse("\r").unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(!e.msg.trim().is_empty(), "{e:?}");
     }
 
     #[test]
