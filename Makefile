@@ -131,7 +131,7 @@ bench:
 ## stops the run; its input is in fuzz/artifacts/<target>/.
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= protocol_line ipc_frame config_text
+FUZZ_TARGETS ?= protocol_line ipc_frame config_text http_request
 FUZZ_SANITIZER ?= address
 
 fuzz:
