@@ -117,7 +117,18 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     }
     listen::raise_nofile();
     listen::fit_max_clients(&mut cfg);
-    let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
+    let plain = match cfg.plain {
+        true => Some(listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?),
+        false => None,
+    };
+    // The TLS files are read now too (again on HUP, as `user`): a bad pair stops here.
+    let tls = match notifd::tls::from_config(&cfg).map_err(|e| (2, e.to_string()))? {
+        Some(config) => {
+            let (l, a) = listen::bind(&cfg.host, cfg.tls_port).map_err(|e| fatal(e.to_string()))?;
+            Some((l, a, config))
+        }
+        None => None,
+    };
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     for d in daemon::data_dirs(&cfg, detach) {
@@ -127,17 +138,22 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     // dropped: it must belong to the user they run as.
     daemon::prepare_log(&cfg, user.as_ref()).map_err(fatal)?;
     let mut ready = if detach { daemon::detach().map_err(fatal)? } else { daemon::Ready::foreground() };
-    let result = serve(cfg, listener, addr, mail, user, &mut ready, detach);
+    let result = serve(cfg, Listeners { plain, tls }, mail, user, &mut ready, detach);
     if let Err((_, why)) = &result {
         ready.fail(why);
     }
     result
 }
 
+/// The bound listening sockets with their addresses, and the TLS configuration.
+struct Listeners {
+    plain: Option<(std::net::TcpListener, std::net::SocketAddr)>,
+    tls: Option<(std::net::TcpListener, std::net::SocketAddr, std::sync::Arc<rustls::ServerConfig>)>,
+}
+
 fn serve(
     cfg: Config,
-    listener: std::net::TcpListener,
-    addr: std::net::SocketAddr,
+    listeners: Listeners,
     mail: notifd::ipc::MailSettings,
     user: Option<nix::unistd::User>,
     ready: &mut daemon::Ready,
@@ -158,7 +174,11 @@ fn serve(
         // the foreground process through `ready`.
         daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
     }
-    let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
+    let plain_addr = listeners.plain.as_ref().map(|p| p.1);
+    let tls_addr = listeners.tls.as_ref().map(|t| t.1);
+    let tls = listeners.tls.map(|(l, _, config)| (l, config));
+    let mut r = reactor::Reactor::new(cfg, listeners.plain.map(|p| p.0), tls, mail)
+        .map_err(|e| fatal(format!("start-up: {e}")))?;
     if let Err(e) = r.wait_store(std::time::Duration::from_secs(30)) {
         // A store that exited said why in the log, which may be a syslog nobody reads
         // (or none at all on a minimal host): find out again, for the terminal. One
@@ -170,7 +190,13 @@ fn serve(
             None => fatal(e),
         });
     }
-    log::info!("listening on {addr}");
+    // The plain line first: tests and scripts take the first `listening on` line for it.
+    if let Some(addr) = plain_addr {
+        log::info!("listening on {addr}");
+    }
+    if let Some(addr) = tls_addr {
+        log::info!("tls listening on {addr}");
+    }
     if detach {
         daemon::write_pid_file(&pid_file).map_err(fatal)?;
     }

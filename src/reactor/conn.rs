@@ -2,6 +2,7 @@
 //! live subscriptions. Kept small: an idle connection should cost a few hundred bytes.
 
 use super::subs::Subs;
+use super::tls_conn::TlsConn;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -70,6 +71,12 @@ pub struct Conn {
     pub paused: bool,
     /// The peer closed its sending side.
     pub eof: bool,
+    /// [tls] Ciphertext the socket has not taken yet (always 0 for a plain connection):
+    /// counted as unsent, like `out`.
+    pub held: u32,
+    /// [tls] The rustls state of a connection from the TLS port; boxed, so that a plain
+    /// connection pays one pointer for it.
+    pub tls: Option<Box<TlsConn>>,
 }
 
 impl Conn {
@@ -99,6 +106,8 @@ impl Conn {
             dirty: false,
             paused: false,
             eof: false,
+            held: 0,
+            tls: None,
         }
     }
 
@@ -119,7 +128,7 @@ impl Conn {
 
     /// Bytes waiting to be sent.
     pub fn unsent(&self) -> usize {
-        self.out.len() + (self.shared.1 - self.shared.0) as usize
+        self.out.len() + (self.shared.1 - self.shared.0) as usize + self.held as usize
     }
 
     /// A reply that is ready now: straight to the output when nothing waits before it.
@@ -159,6 +168,10 @@ impl Conn {
 
     /// Writes as much of `out` as the socket takes. `Err` means the connection is dead.
     pub fn flush(&mut self, fan: &[u8]) -> io::Result<()> {
+        if self.tls.is_some() {
+            // [tls] Through rustls.
+            return self.flush_tls(fan);
+        }
         let (a, b) = (self.shared.0 as usize, self.shared.1 as usize);
         if a < b {
             // Straight from the fan-out buffer; only what the socket does not take now
@@ -180,7 +193,7 @@ impl Conn {
 
     /// Everything sent and answered, so a draining connection may close.
     pub fn finished(&self) -> bool {
-        self.state == State::Draining && self.slots.is_empty() && self.out.is_empty()
+        self.state == State::Draining && self.slots.is_empty() && self.out.is_empty() && self.held == 0
     }
 }
 

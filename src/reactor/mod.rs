@@ -11,7 +11,8 @@
 //! command), `conn` (one client), `subs` (its live subscriptions), `store_link` (requests
 //! to the store and their answers), `mail_router` (routing emails between the store's
 //! outbox and the mailers), `child_link` (one child's pipes) and `supervise` (forking,
-//! losing and restarting the children), `lifecycle` (reload and graceful stop).
+//! losing and restarting the children), `lifecycle` (reload and graceful stop),
+//! `tls_conn` (the TLS listener's connections: rustls between socket and lines).
 
 mod child_link;
 mod client_io;
@@ -22,6 +23,7 @@ mod mail_router;
 mod store_link;
 mod subs;
 mod supervise;
+mod tls_conn;
 
 use crate::config::{Config, Transport};
 use crate::ipc::MailSettings;
@@ -32,9 +34,11 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store_link::StoreLink;
 use supervise::ChildId;
+use tls_conn::TlsSide;
 
 /// The fan-out buffer keeps at most this capacity from one turn to the next.
 const FAN_KEEP: usize = 4 << 20;
@@ -58,10 +62,16 @@ enum Source {
     MailerWrite(usize),
     /// A client connection, by slab key.
     Client(usize),
+    /// [tls] The TLS listening socket: accept.
+    TlsListener,
 }
 
 /// Tokens from here up are not clients; a slab of `max_clients` (a `u32`) never gets here.
 const FIXED_FLOOR: usize = usize::MAX / 2;
+
+/// [tls] The TLS listener's token: above the clients, far below the children's, which
+/// count down from the top two per mailer.
+const TLS_LISTENER_TOKEN: usize = FIXED_FLOOR + 7643;
 
 impl Source {
     fn token(self) -> Token {
@@ -73,12 +83,16 @@ impl Source {
             Source::MailerRead(i) => usize::MAX - 4 - 2 * i,
             Source::MailerWrite(i) => usize::MAX - 5 - 2 * i,
             Source::Client(key) => key,
+            Source::TlsListener => TLS_LISTENER_TOKEN,
         })
     }
 
     fn of(Token(t): Token) -> Source {
         if t < FIXED_FLOOR {
             return Source::Client(t);
+        }
+        if t == TLS_LISTENER_TOKEN {
+            return Source::TlsListener;
         }
         match usize::MAX - t {
             0 => Source::Listener,
@@ -126,14 +140,36 @@ pub struct Reactor {
     /// Why the daemon cannot go on (a child speaks another record version); `run`
     /// returns it.
     fatal: Option<String>,
+    /// [tls] The TLS listener, its configuration and the handshakes under way.
+    tls: TlsSide,
 }
 
 impl Reactor {
-    /// Builds the reactor around a bound listener; forks the children.
-    pub fn new(cfg: Config, listener: std::net::TcpListener, mail: MailSettings) -> io::Result<Reactor> {
+    /// Builds the reactor around the bound listeners (the plain one unless `plain =
+    /// false`; the TLS one with its configuration when `tls_cert_file` is set); forks the
+    /// children.
+    pub fn new(
+        cfg: Config,
+        listener: Option<std::net::TcpListener>,
+        tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+        mail: MailSettings,
+    ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, Source::Listener.token(), Interest::READABLE)?;
+        let listener = match listener {
+            Some(l) => {
+                let mut l = TcpListener::from_std(l);
+                poll.registry().register(&mut l, Source::Listener.token(), Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let mut tls_side = TlsSide::default();
+        if let Some((l, config)) = tls {
+            let mut l = TcpListener::from_std(l);
+            poll.registry().register(&mut l, Source::TlsListener.token(), Interest::READABLE)?;
+            tls_side.listener = Some(l);
+            tls_side.config = Some(config);
+        }
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD])?;
         poll.registry().register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
         let workers = if cfg.mail_transport == Transport::None { 0 } else { cfg.mail_workers as usize };
@@ -151,6 +187,7 @@ impl Reactor {
             token_gen: 1,
             stopping: None,
             fatal: None,
+            tls: tls_side,
             cfg,
         };
         for id in r.child_ids() {
@@ -187,7 +224,8 @@ impl Reactor {
 
     fn dispatch(&mut self, source: Source, readable: bool, writable: bool) {
         match source {
-            Source::Listener => self.accept(),
+            Source::Listener => self.accept(false),
+            Source::TlsListener => self.accept(true),
             Source::Signals => self.take_signals(),
             Source::StoreRead => self.child_readable(ChildId::Store),
             Source::StoreWrite => self.flush_child(ChildId::Store),
@@ -223,6 +261,7 @@ impl Reactor {
         let now = Instant::now();
         self.restart_children(now);
         self.expire(now);
+        self.expire_handshakes(now);
         self.run_deferred(now);
         for id in std::mem::take(&mut self.resume_child) {
             self.child_readable(id);
@@ -238,7 +277,8 @@ impl Reactor {
         if let Some(t) = self.acceptor.paused_until {
             if now >= t {
                 self.acceptor.paused_until = None;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
         }
         None
@@ -260,6 +300,7 @@ impl Reactor {
         };
         consider(self.store.deadlines.front().map(|d| d.0));
         consider(self.acceptor.paused_until);
+        consider(self.tls.handshakes.next_deadline());
         consider(self.mail.next_due);
         consider(self.store.deferred.iter().map(|d| d.0).min());
         consider(self.store.child.restart_at);
@@ -291,6 +332,7 @@ mod tests {
             Source::Client(0),
             Source::Client(1_000_000),
             Source::Client(u32::MAX as usize),
+            Source::TlsListener,
         ];
         let mut tokens = std::collections::HashSet::new();
         for s in sources {
