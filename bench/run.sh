@@ -10,13 +10,19 @@
 # throughput run)  LAT_DURATION=10  CONNS=19000 (capped by the open-files limit)
 # SERVER_CPU=0  GEN_CPU=1  SAT=0.90 (generator CPU share above which it is the
 # bottleneck)  BENCH_OUT=BENCHMARKS.md (empty: do not write)  SCENARIOS="fanout
-# latency pairs conns durable".
+# latency pairs conns durable tls"  TLS_CONNS=10000.
+#
+# The "tls" scenario starts each server again with only a TLS port, all four with the
+# same certificate (made here by openssl, for localhost, signed by a CA made here), and
+# measures fan-out (S = 100 and 1,000), p99 at the fixed rate and bytes per idle TLS
+# connection, the generator speaking TLS too (--tls --ca).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 SERVERS=${SERVERS:-notifd redis nats mqtt}
-SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable}
+SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable tls}
+TLS_CONNS=${TLS_CONNS:-10000}
 DURATION=${DURATION:-5}
 LAT_DURATION=${LAT_DURATION:-10}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -41,6 +47,7 @@ if [ -n "$missing" ]; then
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 command -v taskset >/dev/null || { say "taskset (util-linux) is needed"; exit 1; }
+case " $SCENARIOS " in *" tls "*) command -v openssl >/dev/null || { say "openssl is needed for the tls scenario"; exit 1; } ;; esac
 
 say "building (release)"
 cargo build --release --bins >&2
@@ -65,6 +72,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ROWS=$TMP/rows
 RESULTS=$TMP/results
+# The generator's extra arguments: --tls --ca FILE while a server runs in TLS mode.
+GEN_EXTRA=()
 : >"$ROWS"
 : >"$RESULTS"
 
@@ -99,13 +108,37 @@ wait_ready() {
 	return 1
 }
 
-# start_server NAME MODE: MODE is "live" (mail_transport none) or "durable" (sync full).
+# make_cert: a CA and a certificate for localhost (and 127.0.0.1) it signs, in $TMP/tls,
+# readable by the servers whatever user they switch to.
+make_cert() {
+	local d=$TMP/tls
+	[ -f "$d/server.pem" ] && return 0
+	mkdir -p "$d"
+	chmod 755 "$TMP" "$d"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+		-subj /CN=notif-bench-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-subj /CN=localhost -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+	printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
+		>"$d/ext.cnf"
+	openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+		-days 2 -extfile "$d/ext.cnf" -out "$d/server.pem" 2>/dev/null
+	chmod 644 "$d"/*
+}
+
+# start_server NAME MODE: MODE is "live" (mail_transport none), "durable" (sync full)
+# or "tls" (live, with only a TLS port, the certificate of make_cert).
 # Sets SPID and PORT. The server and every process it forks inherit the CPU pinning.
 start_server() {
-	local name=$1 mode=$2 dir=$TMP/$1
+	local name=$1 mode=$2 dir=$TMP/$1 tls=$TMP/tls
 	rm -rf "$dir"
 	mkdir -p "$dir"
 	PORT=$(free_port)
+	GEN_EXTRA=()
+	if [ "$mode" = tls ]; then
+		make_cert
+		GEN_EXTRA=(--tls --ca "$tls/ca.pem")
+	fi
 	case $name in
 	notifd)
 		{
@@ -120,20 +153,35 @@ start_server() {
 				echo "sync = \"full\""
 				echo "max_subs_per_conn = 1000000"
 			fi
+			if [ "$mode" = tls ]; then
+				echo "plain = false"
+				echo "tls_port = $PORT"
+				echo "tls_cert_file = \"$tls/server.pem\""
+				echo "tls_key_file = \"$tls/server.key\""
+			fi
 		} >"$dir/notifd.conf"
 		taskset -c "$SERVER_CPU" "$NOTIFD" -c "$dir/notifd.conf" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT" "$dir/notifd.log"
 		;;
 	redis)
-		taskset -c "$SERVER_CPU" redis-server --port "$PORT" --bind 127.0.0.1 \
+		local ports=(--port "$PORT")
+		if [ "$mode" = tls ]; then
+			ports=(--port 0 --tls-port "$PORT" --tls-cert-file "$tls/server.pem"
+				--tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients no)
+		fi
+		taskset -c "$SERVER_CPU" redis-server "${ports[@]}" --bind 127.0.0.1 \
 			--save '' --appendonly no --protected-mode no --daemonize no \
 			--maxclients $((CONNS + 2000)) --logfile "$dir/redis.log" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
 		;;
 	nats)
-		taskset -c "$SERVER_CPU" nats-server -a 127.0.0.1 -p "$PORT" \
+		local tlsargs=()
+		if [ "$mode" = tls ]; then
+			tlsargs=(--tls --tlscert "$tls/server.pem" --tlskey "$tls/server.key")
+		fi
+		taskset -c "$SERVER_CPU" nats-server -a 127.0.0.1 -p "$PORT" "${tlsargs[@]}" \
 			-l "$dir/nats.log" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
@@ -141,6 +189,9 @@ start_server() {
 	mqtt)
 		printf 'listener %s 127.0.0.1\nallow_anonymous true\nlog_dest none\n' "$PORT" \
 			>"$dir/mosquitto.conf"
+		if [ "$mode" = tls ]; then
+			printf 'certfile %s\nkeyfile %s\n' "$tls/server.pem" "$tls/server.key" >>"$dir/mosquitto.conf"
+		fi
 		taskset -c "$SERVER_CPU" mosquitto -c "$dir/mosquitto.conf" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
@@ -181,7 +232,7 @@ gen() {
 	local server=$1
 	shift
 	local out
-	if ! out=$(taskset -c "$GEN_CPU" "$GEN" --server "$server" --addr "127.0.0.1:$PORT" "$@" \
+	if ! out=$(taskset -c "$GEN_CPU" "$GEN" --server "$server" --addr "127.0.0.1:$PORT" "${GEN_EXTRA[@]}" "$@" \
 		2>>"$TMP/gen.err"); then
 		say "generator failed: $server $* (see below)"
 		tail -n 5 "$TMP/gen.err" >&2
@@ -233,6 +284,36 @@ run_live() {
 	fi
 }
 
+# run_tls SERVER: the same server with only a TLS port: fan-out, p99 at the fixed rate,
+# then, freshly started, bytes per idle TLS connection.
+run_tls() {
+	local s=$1 r subs
+	if ! start_retry "$s" tls; then
+		say "$s did not start with TLS; skipping it (log: $(tail -n 3 "$TMP/$s"/*.log "$TMP/$s/stderr" 2>/dev/null | tr '\n' ' '))"
+		stop_server
+		return
+	fi
+	for subs in 100 1000; do
+		if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
+			record "tls_fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$(field "$r" gen_cpu)"
+			record "tls_fanout${subs}_lost" "$s" "$(field "$r" lost)" "$(field "$r" gen_cpu)"
+		fi
+	done
+	if r=$(gen "$s" --scenario latency --subs 100 --rate 1000 --duration "$LAT_DURATION"); then
+		record tls_latency_p99 "$s" "$(field "$r" p99_us)" "$(field "$r" gen_cpu)"
+	fi
+	stop_server
+	if start_retry "$s" tls; then
+		sleep 1
+		if r=$(gen "$s" --scenario conns --conns "$TLS_CONNS" --pid "$SPID" --settle 10 --timeout 600); then
+			record tls_conns_bytes "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
+			record tls_conns_open "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
+		fi
+	fi
+	stop_server
+	GEN_EXTRA=()
+}
+
 run_durable() {
 	local r kind conns
 	if start_retry notifd durable; then
@@ -269,6 +350,9 @@ for run in $(seq 1 "$RUNS"); do
 			continue
 		fi
 		run_live "$s"
+		if has tls; then
+			run_tls "$s"
+		fi
 		if [ "$s" = notifd ] && has durable; then
 			run_durable
 		fi
@@ -332,6 +416,13 @@ TABLE=$TMP/table
 		pairs|100 publisher→subscriber pairs: delivered msgs/s|higher
 		conns_bytes|idle subscribed connections: server bytes per connection|lower
 		conns_open|idle subscribed connections: still open after 10 s|higher
+		tls_fanout100|TLS fan-out, 100 subscribers: delivered msgs/s|higher
+		tls_fanout100_lost|TLS fan-out, 100 subscribers: lost|lower
+		tls_fanout1000|TLS fan-out, 1,000 subscribers: delivered msgs/s|higher
+		tls_fanout1000_lost|TLS fan-out, 1,000 subscribers: lost|lower
+		tls_latency_p99|TLS, 1,000 pub/s to 100 subscribers: p99 µs|lower
+		tls_conns_bytes|idle subscribed TLS connections: server bytes per connection|lower
+		tls_conns_open|idle subscribed TLS connections: still open after 10 s|higher
 	EOF
 } >"$TABLE"
 

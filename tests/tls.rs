@@ -334,7 +334,7 @@ fn a_stalled_handshake_is_closed_after_10_seconds() {
     assert_eq!(n, 0, "closed without a word");
     assert!(waited >= Duration::from_millis(9_500), "closed after {waited:?}, before 10 s");
     assert!(waited < Duration::from_secs(15), "closed after {waited:?}");
-    assert!(d.log_has("TLS handshake not finished"), "{}", d.log_text());
+    d.wait_log(|l| l.contains("TLS handshake not finished"), WAIT);
 }
 
 #[test]
@@ -368,7 +368,7 @@ fn a_tls_client_hello_on_the_plain_port_gets_only_a_close() {
     assert!(text.starts_with("HELLO notifd 1 "), "{text:?}");
     assert!(!reset, "closed by a reset");
     d.client().cmd("PING");
-    assert!(d.log_has("TLS handshake on the plain port"));
+    d.wait_log(|l| l.contains("TLS handshake on the plain port"), WAIT);
 }
 
 #[test]

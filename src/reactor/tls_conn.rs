@@ -83,9 +83,9 @@ impl TlsConn {
     }
 
     /// Reads like `Read::read` on the socket, but plaintext: `Ok(0)` is the end of the
-    /// stream (close_notify, or the socket's end), `WouldBlock` means nothing more now, any
-    /// other error (a TLS error: plain text to the TLS port, a refused certificate, a
-    /// timeout-free stall is the handshake timer's business) closes the connection.
+    /// stream (close_notify, or the socket's end), `WouldBlock` means nothing more now;
+    /// any other error (plain text to the TLS port, a refused certificate, the end of
+    /// the stream in the handshake) closes the connection.
     pub fn read(&mut self, sock: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.conn.reader().read(buf) {
@@ -96,6 +96,13 @@ impl TlsConn {
                 Err(e) => return Err(e),
             }
             match self.conn.read_tls(sock) {
+                // Nothing was said yet, so there is nothing to drain: just close.
+                Ok(0) if self.conn.is_handshaking() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "end of stream in the TLS handshake",
+                    ));
+                }
                 // rustls notes the end; its reader reports it on the next round.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
