@@ -244,6 +244,33 @@ gen() {
 
 has() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
 
+# fanouts PREFIX SERVER: fan-out to 100 and 1,000 subscribers, as rows PREFIXfanout….
+fanouts() {
+	local prefix=$1 s=$2 subs r c
+	for subs in 100 1000; do
+		if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
+			c=$(field "$r" gen_cpu)
+			record "${prefix}fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$c"
+			record "${prefix}fanout${subs}_lost" "$s" "$(field "$r" lost)" "$c"
+			record "${prefix}fanout${subs}_p99" "$s" "$(field "$r" p99_us)" "$c"
+		fi
+	done
+}
+
+# idle_conns PREFIX SERVER MODE N: N idle subscribed connections to a freshly started
+# server (its memory before them is its memory at rest), as rows PREFIXconns….
+idle_conns() {
+	local prefix=$1 s=$2 mode=$3 n=$4 r
+	if start_retry "$s" "$mode"; then
+		sleep 1
+		if r=$(gen "$s" --scenario conns --conns "$n" --pid "$SPID" --settle 10 --timeout 600); then
+			record "${prefix}conns_bytes" "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
+			record "${prefix}conns_open" "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
+		fi
+	fi
+	stop_server
+}
+
 run_live() {
 	local s=$1 r
 	if ! start_retry "$s" live; then
@@ -252,15 +279,7 @@ run_live() {
 		return
 	fi
 	if has fanout; then
-		for subs in 100 1000; do
-			if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
-				local c
-				c=$(field "$r" gen_cpu)
-				record "fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$c"
-				record "fanout${subs}_lost" "$s" "$(field "$r" lost)" "$c"
-				record "fanout${subs}_p99" "$s" "$(field "$r" p99_us)" "$c"
-			fi
-		done
+		fanouts "" "$s"
 	fi
 	if has latency && r=$(gen "$s" --scenario latency --subs 100 --rate 1000 --duration "$LAT_DURATION"); then
 		for k in p50 p99 max; do
@@ -272,45 +291,25 @@ run_live() {
 	fi
 	stop_server
 	if has conns; then
-		# A fresh server: its memory before the connections is its memory at rest.
-		if start_retry "$s" live; then
-			sleep 1
-			if r=$(gen "$s" --scenario conns --conns "$CONNS" --pid "$SPID" --settle 10 --timeout 600); then
-				record conns_bytes "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
-				record conns_open "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
-			fi
-		fi
-		stop_server
+		idle_conns "" "$s" live "$CONNS"
 	fi
 }
 
 # run_tls SERVER: the same server with only a TLS port: fan-out, p99 at the fixed rate,
 # then, freshly started, bytes per idle TLS connection.
 run_tls() {
-	local s=$1 r subs
+	local s=$1 r
 	if ! start_retry "$s" tls; then
 		say "$s did not start with TLS; skipping it (log: $(tail -n 3 "$TMP/$s"/*.log "$TMP/$s/stderr" 2>/dev/null | tr '\n' ' '))"
 		stop_server
 		return
 	fi
-	for subs in 100 1000; do
-		if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
-			record "tls_fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$(field "$r" gen_cpu)"
-			record "tls_fanout${subs}_lost" "$s" "$(field "$r" lost)" "$(field "$r" gen_cpu)"
-		fi
-	done
+	fanouts tls_ "$s"
 	if r=$(gen "$s" --scenario latency --subs 100 --rate 1000 --duration "$LAT_DURATION"); then
 		record tls_latency_p99 "$s" "$(field "$r" p99_us)" "$(field "$r" gen_cpu)"
 	fi
 	stop_server
-	if start_retry "$s" tls; then
-		sleep 1
-		if r=$(gen "$s" --scenario conns --conns "$TLS_CONNS" --pid "$SPID" --settle 10 --timeout 600); then
-			record tls_conns_bytes "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
-			record tls_conns_open "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
-		fi
-	fi
-	stop_server
+	idle_conns tls_ "$s" tls "$TLS_CONNS"
 	GEN_EXTRA=()
 }
 
@@ -417,8 +416,10 @@ TABLE=$TMP/table
 		conns_bytes|idle subscribed connections: server bytes per connection|lower
 		conns_open|idle subscribed connections: still open after 10 s|higher
 		tls_fanout100|TLS fan-out, 100 subscribers: delivered msgs/s|higher
+		tls_fanout100_p99|TLS fan-out, 100 subscribers: p99 µs (saturated)|lower
 		tls_fanout100_lost|TLS fan-out, 100 subscribers: lost|lower
 		tls_fanout1000|TLS fan-out, 1,000 subscribers: delivered msgs/s|higher
+		tls_fanout1000_p99|TLS fan-out, 1,000 subscribers: p99 µs (saturated)|lower
 		tls_fanout1000_lost|TLS fan-out, 1,000 subscribers: lost|lower
 		tls_latency_p99|TLS, 1,000 pub/s to 100 subscribers: p99 µs|lower
 		tls_conns_bytes|idle subscribed TLS connections: server bytes per connection|lower

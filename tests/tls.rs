@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use util::{parse_ok_pub, Daemon, WAIT};
 
+const SERVER: ExtendedKeyUsagePurpose = ExtendedKeyUsagePurpose::ServerAuth;
+const CLIENT: ExtendedKeyUsagePurpose = ExtendedKeyUsagePurpose::ClientAuth;
+
 /// The files of a test's certificates, in a temporary folder that outlives the daemon.
 struct Pki {
     dir: tempfile::TempDir,
@@ -48,24 +51,21 @@ impl Pki {
         Authority { cert, key }
     }
 
-    /// Writes `NAME.pem` and `NAME.key`: a certificate for `subject` (a server for
-    /// `localhost`, or a client), signed by `by` or by itself.
-    fn issue(&self, name: &str, subject: &str, client: bool, by: Option<&Authority>) {
-        let key = KeyPair::generate().expect("key");
+    /// Writes `NAME.pem` and `NAME.key`: a certificate for `subject` for the use
+    /// `usage` (server or client), signed by `by` or by itself.
+    fn issue(&self, name: &str, subject: &str, usage: ExtendedKeyUsagePurpose, by: Option<&Authority>) {
         let mut params = CertificateParams::new(vec![subject.to_owned()]).expect("params");
+        params.extended_key_usages.push(usage);
         params.distinguished_name.push(DnType::CommonName, subject);
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let cert = match by {
+        let key = KeyPair::generate().expect("key");
+        let signed = match by {
             Some(ca) => params.signed_by(&key, &ca.cert, &ca.key),
             None => params.self_signed(&key),
+        };
+        let pem = signed.expect("certificate").pem();
+        for (ext, text) in [("pem", pem), ("key", key.serialize_pem())] {
+            std::fs::write(self.path(&format!("{name}.{ext}")), text).expect("write certificate or key");
         }
-        .expect("certificate");
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write certificate");
-        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).expect("write key");
     }
 
     /// The configuration lines for a TLS port serving `server.pem`, with
@@ -88,28 +88,29 @@ impl Pki {
     /// A client configuration trusting the CA `ca` (`NAME.pem`), presenting the client
     /// certificate `cert` (`NAME.pem`/`NAME.key`) if given, offering ALPN `notifd/1`.
     fn client(&self, ca: &str, cert: Option<&str>) -> Arc<ClientConfig> {
+        let anchors = CertificateDer::pem_file_iter(self.path(&format!("{ca}.pem"))).expect("CA file");
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(self.path(&format!("{ca}.pem"))).expect("CA file") {
-            roots.add(c.expect("CA PEM")).expect("CA root");
-        }
-        let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
+        let (added, _) = roots.add_parsable_certificates(anchors.map(|c| c.expect("CA PEM")));
+        assert!(added > 0, "no CA in {ca}.pem");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let trusting = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .expect("TLS 1.2 and 1.3")
             .with_root_certificates(roots);
-        let mut config = match cert {
-            None => builder.with_no_client_auth(),
-            Some(name) => {
-                let chain = CertificateDer::pem_file_iter(self.path(&format!("{name}.pem")))
-                    .expect("client chain")
-                    .collect::<Result<Vec<_>, _>>()
-                    .expect("client PEM");
-                let key =
-                    PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).expect("client key");
-                builder.with_client_auth_cert(chain, key).expect("client certificate")
-            }
+        let mut config = match cert.map(|name| self.pair(name)) {
+            None => trusting.with_no_client_auth(),
+            Some((chain, key)) => trusting.with_client_auth_cert(chain, key).expect("client certificate"),
         };
-        config.alpn_protocols = vec![b"notifd/1".to_vec()];
+        config.alpn_protocols.push(b"notifd/1".to_vec());
         Arc::new(config)
+    }
+
+    /// The chain and key of `NAME.pem` and `NAME.key`.
+    fn pair(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let chain = CertificateDer::pem_file_iter(self.path(&format!("{name}.pem")))
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .expect("PEM chain");
+        (chain, PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).expect("PEM key"))
     }
 }
 
@@ -118,10 +119,10 @@ impl Pki {
 fn standard_pki() -> Pki {
     let pki = Pki::new();
     let ca = pki.authority("ca");
-    pki.issue("server", "localhost", false, Some(&ca));
+    pki.issue("server", "localhost", SERVER, Some(&ca));
     let clients = pki.authority("clients");
-    pki.issue("client", "publisher", true, Some(&clients));
-    pki.issue("stranger", "publisher", true, None);
+    pki.issue("client", "publisher", CLIENT, Some(&clients));
+    pki.issue("stranger", "publisher", CLIENT, None);
     pki
 }
 
@@ -292,7 +293,7 @@ fn a_reload_serves_the_new_certificate_to_new_connections_only() {
 
     // Renewed, by another CA, as a HUP after certbot would find it.
     let ca2 = pki.authority("ca2");
-    pki.issue("server", "localhost", false, Some(&ca2));
+    pki.issue("server", "localhost", SERVER, Some(&ca2));
     d.signal(libc::SIGHUP);
     d.wait_log(|l| l.contains("configuration reloaded"), WAIT);
     let mut new = TlsClient::connect(addr, pki.client("ca2", None));
@@ -310,7 +311,7 @@ fn a_reload_serves_the_new_certificate_to_new_connections_only() {
 
     // A key that does not match: the reload is refused, the running pair kept.
     let pki_other = Pki::new();
-    pki_other.issue("server", "localhost", false, None);
+    pki_other.issue("server", "localhost", SERVER, None);
     std::fs::copy(pki_other.path("server.key"), pki.path("server.key")).unwrap();
     d.signal(libc::SIGHUP);
     let line = d.wait_log(|l| l.contains("reload refused"), WAIT);
@@ -443,7 +444,7 @@ fn plain_false_leaves_only_the_tls_port() {
 fn check_mode_loads_the_certificate_and_key() {
     let pki = standard_pki();
     let other = Pki::new();
-    other.issue("server", "localhost", false, None);
+    other.issue("server", "localhost", SERVER, None);
     let conf = util::write_config(pki.dir.path(), &pki.config(false));
     let ok = std::process::Command::new(util::bin()).arg("-t").arg("-c").arg(&conf).output().unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));

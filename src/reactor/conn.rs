@@ -198,7 +198,7 @@ impl Conn {
 }
 
 /// Writes what the socket takes of `buf` now; returns how much.
-fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+pub(super) fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
     let mut written = 0;
     while written < buf.len() {
         match sock.write(&buf[written..]) {

@@ -13,7 +13,7 @@
 //! those still unfinished after [`HANDSHAKE_TIMEOUT`], with the clock it reads once a turn
 //! anyway.
 
-use super::conn::Conn;
+use super::conn::{write_some, Conn};
 use super::Reactor;
 use mio::net::{TcpListener, TcpStream};
 use rustls::{ServerConfig, ServerConnection};
@@ -166,21 +166,6 @@ impl TlsConn {
         }
         self.conn.send_close_notify();
     }
-}
-
-/// Writes what the socket takes of `buf` now; returns how much.
-fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
-    let mut written = 0;
-    while written < buf.len() {
-        match sock.write(&buf[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(written)
 }
 
 impl TlsSide {
