@@ -133,9 +133,9 @@ fn tls_addr(d: &Daemon) -> SocketAddr {
     addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?}: {e}"))
 }
 
-/// A line client inside TLS.
-struct TlsClient {
-    s: StreamOwned<ClientConnection, TcpStream>,
+/// A line client inside TLS, over a socket (or a wrapper of one).
+struct TlsClient<S: Read + Write = TcpStream> {
+    s: StreamOwned<ClientConnection, S>,
     buf: Vec<u8>,
 }
 
@@ -160,7 +160,9 @@ impl TlsClient {
         assert!(hello.starts_with("HELLO notifd 1 "), "greeting {hello:?}");
         c
     }
+}
 
+impl<S: Read + Write> TlsClient<S> {
     fn cmd(&mut self, line: &str) {
         self.s.write_all(format!("{line}\r\n").as_bytes()).expect("send inside TLS");
         self.s.flush().expect("flush");
@@ -453,4 +455,81 @@ fn check_mode_loads_the_certificate_and_key() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{err}");
     assert!(err.contains("does not match the certificate"), "{err}");
+}
+
+/// A socket that counts the TLS records (of any type) that it reads.
+struct RecordCounter {
+    sock: TcpStream,
+    /// Bytes of the next record header seen so far.
+    header: Vec<u8>,
+    /// Bytes of the current record's body still to come.
+    body_left: usize,
+    records: usize,
+}
+
+impl Read for RecordCounter {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            if self.body_left > 0 {
+                let skip = self.body_left.min(rest.len());
+                self.body_left -= skip;
+                rest = &rest[skip..];
+                continue;
+            }
+            self.header.push(rest[0]);
+            rest = &rest[1..];
+            if self.header.len() == 5 {
+                self.records += 1;
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header.clear();
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Write for RecordCounter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+#[test]
+fn a_turns_msgs_leave_in_few_tls_records_not_one_each() {
+    let pki = standard_pki();
+    let d = Daemon::start(&pki.config(false));
+    let sock = TcpStream::connect(tls_addr(&d)).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let counter = RecordCounter { sock, header: Vec::new(), body_left: 0, records: 0 };
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut s = StreamOwned::new(ClientConnection::new(pki.client("ca", None), name).unwrap(), counter);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake");
+    }
+    let mut sub = TlsClient { s, buf: Vec::new() };
+    assert!(sub.line().starts_with("HELLO notifd 1 "));
+    sub.cmd("SUB feed batch@example.com");
+    sub.expect("+OK SUB feed");
+    let before = sub.s.sock.records;
+
+    // Many PUBs in one write: their MSGs are fanned out in a few loop turns.
+    const N: usize = 200;
+    let mut p = d.client();
+    let batch: String = (0..N).map(|i| format!("PUB feed message {i}\r\n")).collect();
+    p.send(&batch);
+    for _ in 0..N {
+        parse_ok_pub(&p.line());
+    }
+    for i in 0..N {
+        let line = sub.line();
+        assert!(line.starts_with("MSG feed ") && line.ends_with(&format!(" message {i}")), "{line:?}");
+    }
+    let records = sub.s.sock.records - before;
+    eprintln!("{N} MSGs in {records} TLS records");
+    assert!(records <= N / 10, "{N} MSGs came in {records} TLS records: not batched per turn");
 }
