@@ -533,3 +533,35 @@ fn a_turns_msgs_leave_in_few_tls_records_not_one_each() {
     eprintln!("{N} MSGs in {records} TLS records");
     assert!(records <= N / 10, "{N} MSGs came in {records} TLS records: not batched per turn");
 }
+
+#[test]
+fn a_handshake_holds_its_connection_slot_from_accept_on() {
+    let pki = standard_pki();
+    let d = Daemon::start(&format!("{}max_clients_per_ip = 1\n", pki.config(false)));
+    // Connected, not one byte of handshake sent.
+    let mut silent = TcpStream::connect(tls_addr(&d)).unwrap();
+    d.wait_log(|l| l.contains("connected"), WAIT);
+    let mut plain = util::Client::connect_raw(d.addr());
+    assert_eq!(plain.line(), "-ERR BUSY too many connections from your address");
+    let _ = silent.shutdown(std::net::Shutdown::Both);
+    let _ = read_to_end(&mut silent);
+    d.wait_log(|l| l.contains("closed"), WAIT);
+    TlsClient::connect(tls_addr(&d), pki.client("ca", None)).cmd("PING");
+}
+
+#[test]
+fn the_tls_port_is_dual_stack_like_the_plain_one() {
+    if !util::have_ipv6_loopback() {
+        return util::skip("the_tls_port_is_dual_stack_like_the_plain_one", "no IPv6 loopback");
+    }
+    let pki = standard_pki();
+    let d = Daemon::start(&format!("host = \"::\"\n{}", pki.config(false)));
+    let port = tls_addr(&d).port();
+    for addr in
+        [SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))]
+    {
+        let mut c = TlsClient::connect(addr, pki.client("ca", None));
+        c.cmd("PING");
+        c.expect("PONG");
+    }
+}
