@@ -10,14 +10,21 @@
 # throughput run)  LAT_DURATION=10  CONNS=19000 (capped by the open-files limit)
 # SERVER_CPU=0  GEN_CPU=1  SAT=0.90 (generator CPU share above which it is the
 # bottleneck)  BENCH_OUT=BENCHMARKS.md (empty: do not write)  SCENARIOS="fanout
-# latency pairs conns durable replay"  REPLAY_COUNT=1000000 (notifications replayed).
+# latency pairs conns durable replay tls"  REPLAY_COUNT=1000000 (notifications replayed)
+# TLS_CONNS=10000.
+#
+# The "tls" scenario starts each server again with only a TLS port, all four with the
+# same certificate (made here by openssl, for localhost, signed by a CA made here), and
+# measures fan-out (S = 100 and 1,000), p99 at the fixed rate and bytes per idle TLS
+# connection, the generator speaking TLS too (--tls --ca).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 SERVERS=${SERVERS:-notifd redis nats mqtt}
-SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable replay}
+SCENARIOS=${SCENARIOS:-fanout latency pairs conns durable replay tls}
 REPLAY_COUNT=${REPLAY_COUNT:-1000000}
+TLS_CONNS=${TLS_CONNS:-10000}
 DURATION=${DURATION:-5}
 LAT_DURATION=${LAT_DURATION:-10}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -42,6 +49,7 @@ if [ -n "$missing" ]; then
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 command -v taskset >/dev/null || { say "taskset (util-linux) is needed"; exit 1; }
+case " $SCENARIOS " in *" tls "*) command -v openssl >/dev/null || { say "openssl is needed for the tls scenario"; exit 1; } ;; esac
 
 say "building (release)"
 cargo build --release --bins >&2
@@ -66,6 +74,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ROWS=$TMP/rows
 RESULTS=$TMP/results
+# The generator's extra arguments: --tls --ca FILE while a server runs in TLS mode.
+GEN_EXTRA=()
 : >"$ROWS"
 : >"$RESULTS"
 
@@ -100,14 +110,38 @@ wait_ready() {
 	return 1
 }
 
-# start_server NAME MODE: MODE is "live" (mail_transport none), "durable" (sync full) or
-# "replay" (notifd's database kept in $TMP/replay.db across starts).
+# make_cert: a CA and a certificate for localhost (and 127.0.0.1) it signs, in $TMP/tls,
+# readable by the servers whatever user they switch to.
+make_cert() {
+	local d=$TMP/tls
+	[ -f "$d/server.pem" ] && return 0
+	mkdir -p "$d"
+	chmod 755 "$TMP" "$d"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+		-subj /CN=notif-bench-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-subj /CN=localhost -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+	printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
+		>"$d/ext.cnf"
+	openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+		-days 2 -extfile "$d/ext.cnf" -out "$d/server.pem" 2>/dev/null
+	chmod 644 "$d"/*
+}
+
+# start_server NAME MODE: MODE is "live" (mail_transport none), "durable" (sync full),
+# "replay" (notifd's database kept in $TMP/replay.db across starts) or "tls" (live, with
+# only a TLS port, the certificate of make_cert).
 # Sets SPID and PORT. The server and every process it forks inherit the CPU pinning.
 start_server() {
-	local name=$1 mode=$2 dir=$TMP/$1
+	local name=$1 mode=$2 dir=$TMP/$1 tls=$TMP/tls
 	rm -rf "$dir"
 	mkdir -p "$dir"
 	PORT=$(free_port)
+	GEN_EXTRA=()
+	if [ "$mode" = tls ]; then
+		make_cert
+		GEN_EXTRA=(--tls --ca "$tls/ca.pem")
+	fi
 	case $name in
 	notifd)
 		{
@@ -127,20 +161,35 @@ start_server() {
 				echo "sync = \"full\""
 				echo "max_subs_per_conn = 1000000"
 			fi
+			if [ "$mode" = tls ]; then
+				echo "plain = false"
+				echo "tls_port = $PORT"
+				echo "tls_cert_file = \"$tls/server.pem\""
+				echo "tls_key_file = \"$tls/server.key\""
+			fi
 		} >"$dir/notifd.conf"
 		taskset -c "$SERVER_CPU" "$NOTIFD" -c "$dir/notifd.conf" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT" "$dir/notifd.log"
 		;;
 	redis)
-		taskset -c "$SERVER_CPU" redis-server --port "$PORT" --bind 127.0.0.1 \
+		local ports=(--port "$PORT")
+		if [ "$mode" = tls ]; then
+			ports=(--port 0 --tls-port "$PORT" --tls-cert-file "$tls/server.pem"
+				--tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients no)
+		fi
+		taskset -c "$SERVER_CPU" redis-server "${ports[@]}" --bind 127.0.0.1 \
 			--save '' --appendonly no --protected-mode no --daemonize no \
 			--maxclients $((CONNS + 2000)) --logfile "$dir/redis.log" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
 		;;
 	nats)
-		taskset -c "$SERVER_CPU" nats-server -a 127.0.0.1 -p "$PORT" \
+		local tlsargs=()
+		if [ "$mode" = tls ]; then
+			tlsargs=(--tls --tlscert "$tls/server.pem" --tlskey "$tls/server.key")
+		fi
+		taskset -c "$SERVER_CPU" nats-server -a 127.0.0.1 -p "$PORT" "${tlsargs[@]}" \
 			-l "$dir/nats.log" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
@@ -148,6 +197,9 @@ start_server() {
 	mqtt)
 		printf 'listener %s 127.0.0.1\nallow_anonymous true\nlog_dest none\n' "$PORT" \
 			>"$dir/mosquitto.conf"
+		if [ "$mode" = tls ]; then
+			printf 'certfile %s\nkeyfile %s\n' "$tls/server.pem" "$tls/server.key" >>"$dir/mosquitto.conf"
+		fi
 		taskset -c "$SERVER_CPU" mosquitto -c "$dir/mosquitto.conf" >"$dir/stderr" 2>&1 &
 		SPID=$!
 		wait_ready "$PORT"
@@ -188,7 +240,7 @@ gen() {
 	local server=$1
 	shift
 	local out
-	if ! out=$(taskset -c "$GEN_CPU" "$GEN" --server "$server" --addr "127.0.0.1:$PORT" "$@" \
+	if ! out=$(taskset -c "$GEN_CPU" "$GEN" --server "$server" --addr "127.0.0.1:$PORT" "${GEN_EXTRA[@]}" "$@" \
 		2>>"$TMP/gen.err"); then
 		say "generator failed: $server $* (see below)"
 		tail -n 5 "$TMP/gen.err" >&2
@@ -200,6 +252,33 @@ gen() {
 
 has() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
 
+# fanouts PREFIX SERVER: fan-out to 100 and 1,000 subscribers, as rows PREFIXfanout….
+fanouts() {
+	local prefix=$1 s=$2 subs r c
+	for subs in 100 1000; do
+		if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
+			c=$(field "$r" gen_cpu)
+			record "${prefix}fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$c"
+			record "${prefix}fanout${subs}_lost" "$s" "$(field "$r" lost)" "$c"
+			record "${prefix}fanout${subs}_p99" "$s" "$(field "$r" p99_us)" "$c"
+		fi
+	done
+}
+
+# idle_conns PREFIX SERVER MODE N: N idle subscribed connections to a freshly started
+# server (its memory before them is its memory at rest), as rows PREFIXconns….
+idle_conns() {
+	local prefix=$1 s=$2 mode=$3 n=$4 r
+	if start_retry "$s" "$mode"; then
+		sleep 1
+		if r=$(gen "$s" --scenario conns --conns "$n" --pid "$SPID" --settle 10 --timeout 600); then
+			record "${prefix}conns_bytes" "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
+			record "${prefix}conns_open" "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
+		fi
+	fi
+	stop_server
+}
+
 run_live() {
 	local s=$1 r
 	if ! start_retry "$s" live; then
@@ -208,15 +287,7 @@ run_live() {
 		return
 	fi
 	if has fanout; then
-		for subs in 100 1000; do
-			if r=$(gen "$s" --scenario fanout --subs $subs --duration "$DURATION"); then
-				local c
-				c=$(field "$r" gen_cpu)
-				record "fanout$subs" "$s" "$(field "$r" msgs_per_s)" "$c"
-				record "fanout${subs}_lost" "$s" "$(field "$r" lost)" "$c"
-				record "fanout${subs}_p99" "$s" "$(field "$r" p99_us)" "$c"
-			fi
-		done
+		fanouts "" "$s"
 	fi
 	if has latency && r=$(gen "$s" --scenario latency --subs 100 --rate 1000 --duration "$LAT_DURATION"); then
 		for k in p50 p99 max; do
@@ -228,16 +299,26 @@ run_live() {
 	fi
 	stop_server
 	if has conns; then
-		# A fresh server: its memory before the connections is its memory at rest.
-		if start_retry "$s" live; then
-			sleep 1
-			if r=$(gen "$s" --scenario conns --conns "$CONNS" --pid "$SPID" --settle 10 --timeout 600); then
-				record conns_bytes "$s" "$(field "$r" bytes_per_conn)" "$(field "$r" gen_cpu)"
-				record conns_open "$s" "$(field "$r" open_after_settle)" "$(field "$r" gen_cpu)"
-			fi
-		fi
-		stop_server
+		idle_conns "" "$s" live "$CONNS"
 	fi
+}
+
+# run_tls SERVER: the same server with only a TLS port: fan-out, p99 at the fixed rate,
+# then, freshly started, bytes per idle TLS connection.
+run_tls() {
+	local s=$1 r
+	if ! start_retry "$s" tls; then
+		say "$s did not start with TLS; skipping it (log: $(tail -n 3 "$TMP/$s"/*.log "$TMP/$s/stderr" 2>/dev/null | tr '\n' ' '))"
+		stop_server
+		return
+	fi
+	fanouts tls_ "$s"
+	if r=$(gen "$s" --scenario latency --subs 100 --rate 1000 --duration "$LAT_DURATION"); then
+		record tls_latency_p99 "$s" "$(field "$r" p99_us)" "$(field "$r" gen_cpu)"
+	fi
+	stop_server
+	idle_conns tls_ "$s" tls "$TLS_CONNS"
+	GEN_EXTRA=()
 }
 
 run_durable() {
@@ -299,6 +380,9 @@ for run in $(seq 1 "$RUNS"); do
 			continue
 		fi
 		run_live "$s"
+		if has tls; then
+			run_tls "$s"
+		fi
 		if [ "$s" = notifd ] && has durable; then
 			run_durable
 		fi
@@ -366,6 +450,15 @@ TABLE=$TMP/table
 		conns_bytes|idle subscribed connections: server bytes per connection|lower
 		conns_open|idle subscribed connections: still open after 10 s|higher
 		replay|replay of 1,000,000 kept notifications to one connection: msgs/s|higher
+		tls_fanout100|TLS fan-out, 100 subscribers: delivered msgs/s|higher
+		tls_fanout100_p99|TLS fan-out, 100 subscribers: p99 µs (saturated)|lower
+		tls_fanout100_lost|TLS fan-out, 100 subscribers: lost|lower
+		tls_fanout1000|TLS fan-out, 1,000 subscribers: delivered msgs/s|higher
+		tls_fanout1000_p99|TLS fan-out, 1,000 subscribers: p99 µs (saturated)|lower
+		tls_fanout1000_lost|TLS fan-out, 1,000 subscribers: lost|lower
+		tls_latency_p99|TLS, 1,000 pub/s to 100 subscribers: p99 µs|lower
+		tls_conns_bytes|idle subscribed TLS connections: server bytes per connection|lower
+		tls_conns_open|idle subscribed TLS connections: still open after 10 s|higher
 	EOF
 } >"$TABLE"
 

@@ -117,13 +117,28 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     }
     listen::raise_nofile();
     listen::fit_max_clients(&mut cfg);
-    let (listener, addr) = listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?;
+    let plain = match cfg.plain {
+        true => Some(listen::bind(&cfg.host, cfg.port).map_err(|e| fatal(e.to_string()))?),
+        false => None,
+    };
+    // The TLS files are read now too (again on HUP, as `user`): a bad pair stops here.
+    let tls = match notifd::tls::from_config(&cfg).map_err(|e| (2, e.to_string()))? {
+        Some(config) => {
+            let (l, a) = listen::bind(&cfg.host, cfg.tls_port).map_err(|e| fatal(e.to_string()))?;
+            Some((l, a, config))
+        }
+        None => None,
+    };
     // Bound now too: a port below 1024 needs root, which is dropped in `serve`.
     let http = match cfg.http_host.as_str() {
         "" => None,
         host => Some(listen::bind(host, cfg.http_port).map_err(|e| fatal(format!("http: {e}")))?),
     };
-    cfg.bound_port = addr.port();
+    // What emails name as the server's port when `port` is 0 (or the plain port is shut).
+    cfg.bound_port = match (&plain, &tls) {
+        (Some((_, a)), _) | (None, Some((_, a, _))) => a.port(),
+        (None, None) => cfg.port,
+    };
     // Secrets are read now, while the files may still need root to read.
     let mail = cfg.mail_settings().map_err(|e| (2, e))?;
     for d in daemon::data_dirs(&cfg, detach) {
@@ -133,7 +148,7 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
     // dropped: it must belong to the user they run as.
     daemon::prepare_log(&cfg, user.as_ref()).map_err(fatal)?;
     let mut ready = if detach { daemon::detach().map_err(fatal)? } else { daemon::Ready::foreground() };
-    let result = serve(cfg, (listener, addr), http, mail, user, &mut ready, detach);
+    let result = serve(cfg, Listeners { plain, tls, http }, mail, user, &mut ready, detach);
     if let Err((_, why)) = &result {
         ready.fail(why);
     }
@@ -143,10 +158,16 @@ fn start(mut cfg: Config, detach: bool) -> Result<i32, (i32, String)> {
 /// A bound listening socket and its address.
 type Bound = (std::net::TcpListener, std::net::SocketAddr);
 
+/// The bound listening sockets with their addresses, and the TLS configuration.
+struct Listeners {
+    plain: Option<Bound>,
+    tls: Option<(std::net::TcpListener, std::net::SocketAddr, std::sync::Arc<rustls::ServerConfig>)>,
+    http: Option<Bound>,
+}
+
 fn serve(
     cfg: Config,
-    (listener, addr): Bound,
-    http: Option<Bound>,
+    listeners: Listeners,
     mail: notifd::ipc::MailSettings,
     user: Option<nix::unistd::User>,
     ready: &mut daemon::Ready,
@@ -167,8 +188,12 @@ fn serve(
         // the foreground process through `ready`.
         daemon::close_stdio().map_err(|e| fatal(format!("cannot open /dev/null: {e}")))?;
     }
-    let mut r = reactor::Reactor::new(cfg, listener, mail).map_err(|e| fatal(format!("start-up: {e}")))?;
-    let http_addr = match http {
+    let plain_addr = listeners.plain.as_ref().map(|p| p.1);
+    let tls_addr = listeners.tls.as_ref().map(|t| t.1);
+    let tls = listeners.tls.map(|(l, _, config)| (l, config));
+    let mut r = reactor::Reactor::new(cfg, listeners.plain.map(|p| p.0), tls, mail)
+        .map_err(|e| fatal(format!("start-up: {e}")))?;
+    let http_addr = match listeners.http {
         Some((l, a)) => {
             r.add_http(l).map_err(|e| fatal(format!("start-up: http: {e}")))?;
             Some(a)
@@ -186,7 +211,13 @@ fn serve(
             None => fatal(e),
         });
     }
-    log::info!("listening on {addr}");
+    // The plain line first: tests and scripts take the first `listening on` line for it.
+    if let Some(addr) = plain_addr {
+        log::info!("listening on {addr}");
+    }
+    if let Some(addr) = tls_addr {
+        log::info!("tls listening on {addr}");
+    }
     if let Some(a) = http_addr {
         log::info!("http listening on {a}");
     }

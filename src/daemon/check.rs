@@ -86,6 +86,8 @@ fn paths(cfg: &Config, user: Option<&User>) -> Result<(), String> {
             })?;
         }
     }
+    // Loaded as a reload loads them: by `user`, the key checked against the certificate.
+    crate::tls::check(cfg)?;
     // Start-up makes missing folders as root when it will drop to `user`.
     let root_makes = user.is_some();
     database(&cfg.database, root_makes).map_err(|e| format!("database {}: {e}", cfg.database.display()))?;

@@ -4,6 +4,7 @@
 use super::conn::{Conn, State};
 use super::limits::{addr_key, net_key, AddrKey, NetKey, Sweep};
 use super::subs::{LiveAddrs, Subs};
+use super::tls_conn::TLS_HANDSHAKE_RECORD;
 use super::{Reactor, Source, FAN_KEEP};
 use crate::protocol::{self, Code, Framed};
 use indexmap::IndexSet;
@@ -21,7 +22,7 @@ const READ_BUDGET: usize = 256 * 1024;
 
 /// The listening socket, and whether accepting is paused.
 pub(super) struct Acceptor {
-    /// `None` once the daemon is stopping.
+    /// `None` with `plain = false`, or once the daemon is stopping.
     pub(super) listener: Option<TcpListener>,
     /// Accepting paused until then (out of descriptors).
     pub(super) paused_until: Option<Instant>,
@@ -30,8 +31,8 @@ pub(super) struct Acceptor {
 }
 
 impl Acceptor {
-    pub(super) fn new(listener: TcpListener) -> Acceptor {
-        Acceptor { listener: Some(listener), paused_until: None, out_of_fds: false }
+    pub(super) fn new(listener: Option<TcpListener>) -> Acceptor {
+        Acceptor { listener, paused_until: None, out_of_fds: false }
     }
 }
 
@@ -159,14 +160,16 @@ impl Clients {
 }
 
 impl Reactor {
-    /// Accepts until WouldBlock; out of descriptors, pauses accepting for 100 ms.
-    pub(super) fn accept(&mut self) {
+    /// Accepts until WouldBlock, from the plain listener or (`tls`) the TLS one; out of
+    /// descriptors, pauses accepting for 100 ms.
+    pub(super) fn accept(&mut self, tls: bool) {
         loop {
-            let Some(listener) = self.acceptor.listener.as_ref() else { return };
+            let listener = if tls { self.tls.listener.as_ref() } else { self.acceptor.listener.as_ref() };
+            let Some(listener) = listener else { return };
             match listener.accept() {
                 Ok((sock, peer)) => {
                     self.acceptor.out_of_fds = false;
-                    self.admit(sock, peer)
+                    self.admit(sock, peer, tls)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -189,8 +192,10 @@ impl Reactor {
         }
     }
 
-    /// Admits a new connection, or refuses it with `-ERR BUSY` when over a limit.
-    fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr) {
+    /// Admits a new connection, or refuses it with `-ERR BUSY` when over a limit (in
+    /// plain text, even on the TLS port: a refused client is not worth a handshake, and
+    /// its TLS library reports the close).
+    fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr, tls: bool) {
         // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
         let peer = match peer {
             SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -238,6 +243,11 @@ impl Reactor {
         }
         let mut c = Conn::new(self.clients.next_id, sock, peer, self.clients.sweep.tick);
         self.clients.next_id += 1;
+        // [tls] The greeting waits in `out` until the handshake is over.
+        if tls && !self.tls.start(k, &mut c) {
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            return;
+        }
         protocol::greeting(&mut c.out, self.cfg.max_line);
         c.dirty = true;
         entry.insert(c);
@@ -274,7 +284,29 @@ impl Reactor {
                 return;
             }
             let mut buf = std::mem::take(&mut self.clients.scratch);
-            let got = c.sock.read(&mut buf);
+            let got = match c.tls.as_deref_mut() {
+                None => c.sock.read(&mut buf),
+                // [tls] Plaintext out of ciphertext; handshake messages and the greeting
+                // that waited for the handshake go out at the end of the turn.
+                Some(t) => {
+                    let got = t.read(&mut c.sock, &mut buf);
+                    if t.wants_write() || (!t.handshaking() && !c.out.is_empty()) {
+                        self.clients.mark_dirty(key);
+                    }
+                    got
+                }
+            };
+            let c = &mut self.clients.conns[key];
+            if let Ok(n) = got {
+                // [tls] A TLS ClientHello on the plain port: no protocol answer can help
+                // a TLS client, so just a close (its bytes read, so a FIN, not a reset).
+                if n > 0 && buf[0] == TLS_HANDSHAKE_RECORD && c.tls.is_none() && c.inbuf.is_empty() {
+                    log::debug!("{}: TLS handshake on the plain port; closing", c.peer);
+                    self.clients.scratch = buf;
+                    self.clients.close(key);
+                    return;
+                }
+            }
             match got {
                 Ok(0) => {
                     self.clients.scratch = buf;
@@ -347,7 +379,7 @@ impl Reactor {
         // A client that sends without reading its replies stops being read once its
         // output is over budget, rather than growing it without bound.
         c.slots.len() < self.cfg.max_inflight as usize
-            && c.out.len() < self.cfg.max_pending
+            && c.out.len() + (c.held as usize) < self.cfg.max_pending
             && !self.store.congested()
             && self.store.has_ids()
     }
@@ -449,9 +481,14 @@ impl Reactor {
             // Only QUIT or EOF make a connection finish here: one the server is stopping
             // is closed by stop_step, after its `-ERR BUSY shutting down`.
             if c.finished() {
+                if c.tls.is_some() {
+                    // [tls] close_notify before the FIN, when the socket takes it.
+                    c.close_notify();
+                    let _ = c.flush(&self.fan);
+                }
                 c.state = State::Closing;
                 self.clients.closing.push(key);
-            } else if c.paused && c.out.len() < self.cfg.max_pending / 2 {
+            } else if c.paused && c.unsent() < self.cfg.max_pending / 2 {
                 // Paused for its output budget (or something that resume re-checks).
                 self.clients.resume.push(key);
             }

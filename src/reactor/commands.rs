@@ -133,6 +133,10 @@ impl Reactor {
     }
 
     pub(super) fn may_publish(&self, c: &Conn) -> bool {
+        if c.tls.as_ref().is_some_and(|t| t.trusted) {
+            // [tls] A client certificate verified by tls_client_ca_file.
+            return true;
+        }
         if self.cfg.publish_token.is_empty() {
             c.loopback
         } else {

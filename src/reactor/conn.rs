@@ -2,6 +2,7 @@
 //! live subscriptions. Kept small: an idle connection should cost a few hundred bytes.
 
 use super::subs::Subs;
+use super::tls_conn::TlsConn;
 use mio::net::TcpStream;
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -80,6 +81,12 @@ pub struct Conn {
     /// Its replays (SINCE) under way; `None` for almost every connection, so that the
     /// publish path pays one branch for replay.
     pub replay: Option<Box<super::replay::ConnReplays>>,
+    /// [tls] Ciphertext the socket has not taken yet (always 0 for a plain connection):
+    /// counted as unsent, like `out`.
+    pub held: u32,
+    /// [tls] The rustls state of a connection from the TLS port; boxed, so that a plain
+    /// connection pays one pointer for it.
+    pub tls: Option<Box<TlsConn>>,
 }
 
 impl Conn {
@@ -113,6 +120,8 @@ impl Conn {
             counted: 0,
             lingering: false,
             replay: None,
+            held: 0,
+            tls: None,
         }
     }
 
@@ -139,7 +148,7 @@ impl Conn {
     /// Bytes waiting to be sent, live lines held by a replay included.
     pub fn unsent(&self) -> usize {
         let held = self.replay.as_ref().map_or(0, |r| r.held_bytes());
-        self.out.len() + (self.shared.1 - self.shared.0) as usize + held
+        self.out.len() + (self.shared.1 - self.shared.0) as usize + held + self.held as usize
     }
 
     /// A reply that is ready now: straight to the output when nothing waits before it.
@@ -179,6 +188,10 @@ impl Conn {
 
     /// Writes as much of `out` as the socket takes. `Err` means the connection is dead.
     pub fn flush(&mut self, fan: &[u8]) -> io::Result<()> {
+        if self.tls.is_some() {
+            // [tls] Through rustls.
+            return self.flush_tls(fan);
+        }
         let (a, b) = (self.shared.0 as usize, self.shared.1 as usize);
         if a < b {
             // Straight from the fan-out buffer; only what the socket does not take now
@@ -200,12 +213,12 @@ impl Conn {
 
     /// Everything sent and answered, so a draining connection may close.
     pub fn finished(&self) -> bool {
-        self.state == State::Draining && self.slots.is_empty() && self.out.is_empty()
+        self.state == State::Draining && self.slots.is_empty() && self.out.is_empty() && self.held == 0
     }
 }
 
 /// Writes what the socket takes of `buf` now; returns how much.
-fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+pub(super) fn write_some(sock: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
     let mut written = 0;
     while written < buf.len() {
         match sock.write(&buf[written..]) {

@@ -39,13 +39,32 @@ impl Reactor {
                 return;
             }
         };
+        // [tls] The new certificate serves new connections; open ones keep theirs.
+        let tls_config = match crate::tls::from_config(&new) {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
         let mut new = new;
         new.raise_level(self.cfg.verbose);
         crate::listen::fit_max_clients(&mut new);
         let old = std::mem::replace(&mut self.cfg, new);
         let changed = changed_keys(&old, &self.cfg);
-        for key in ["host", "port", "database", "user", "pid_file", "mail_workers", "http_host", "http_port"]
-        {
+        let restart_only = [
+            "host",
+            "port",
+            "database",
+            "user",
+            "pid_file",
+            "mail_workers",
+            "http_host",
+            "http_port",
+            "tls_port",
+            "plain",
+        ];
+        for key in restart_only {
             if changed.contains(&key) {
                 log::warn!("reload: \"{key}\" changed; it takes effect at the next restart");
             }
@@ -59,6 +78,19 @@ impl Reactor {
         self.cfg.mail_workers = old.mail_workers;
         self.cfg.http_host = old.http_host.clone();
         self.cfg.http_port = old.http_port;
+        self.cfg.tls_port = old.tls_port;
+        self.cfg.plain = old.plain;
+        match tls_config {
+            Some(config) if self.tls.listener.is_some() => self.set_tls_config(config),
+            _ if self.tls.listener.is_some() || self.cfg.tls_cert_file.is_some() => {
+                // Opening or closing the TLS port needs a restart; the running files stay.
+                log::warn!("reload: setting or removing \"tls_cert_file\" takes effect at the next restart");
+                self.cfg.tls_cert_file = old.tls_cert_file.clone();
+                self.cfg.tls_key_file = old.tls_key_file.clone();
+                self.cfg.tls_client_ca_file = old.tls_client_ca_file.clone();
+            }
+            _ => {}
+        }
         if (old.mail_transport == Transport::None) != (self.cfg.mail_transport == Transport::None) {
             log::warn!("reload: turning mail_transport on or off takes effect at the next restart");
             self.cfg.mail_transport = old.mail_transport;
@@ -94,6 +126,9 @@ impl Reactor {
         log::info!("stopping: finishing commands in flight");
         self.stopping = Some(Instant::now());
         if let Some(mut l) = self.acceptor.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some(mut l) = self.tls.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         // Stop reading commands; what was read is finished and answered.
@@ -139,15 +174,17 @@ impl Reactor {
             if c.state == State::Stopping {
                 protocol::err(&mut c.out, Code::Busy, "shutting down");
             }
+            // [tls] Inside TLS, then close_notify.
+            c.close_notify();
             let _ = c.flush(&[]);
         }
         let linger_until = Instant::now() + SHUTDOWN_LINGER;
-        while Instant::now() < linger_until && self.clients.conns.iter().any(|(_, c)| !c.out.is_empty()) {
+        while Instant::now() < linger_until && self.clients.conns.iter().any(|(_, c)| c.unsent() > 0) {
             // Bounded: slow clients get SHUTDOWN_LINGER to take their last bytes.
             let mut events = Events::with_capacity(256);
             let _ = self.poll.poll(&mut events, Some(Duration::from_millis(20)));
             for (_, c) in self.clients.conns.iter_mut() {
-                if !c.out.is_empty() {
+                if c.unsent() > 0 {
                     let _ = c.flush(&[]);
                 }
             }
@@ -224,6 +261,11 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         spool_dir,
         mail_workers,
         mail_retry_base,
+        tls_port,
+        tls_cert_file,
+        tls_key_file,
+        tls_client_ca_file,
+        plain,
         mail_max_tries,
         user,
         pid_file,

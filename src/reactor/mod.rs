@@ -14,7 +14,8 @@
 //! losing and restarting the children), `lifecycle` (reload and graceful stop), `limits`
 //! (per-address and per-network bounds, idle connections, the total output budget),
 //! `http_side` (the HTTP listener, its connections, and the numbers of STATS and
-//! `/metrics`), `replay` (WATCH, and SINCE's replays).
+//! `/metrics`), `replay` (WATCH, and SINCE's replays), `tls_conn` (the TLS listener's
+//! connections: rustls between socket and lines).
 
 mod child_link;
 mod client_io;
@@ -28,6 +29,7 @@ mod replay;
 mod store_link;
 mod subs;
 mod supervise;
+mod tls_conn;
 
 use crate::config::{Config, MailPolicy, Transport};
 use crate::ipc::MailSettings;
@@ -39,9 +41,11 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store_link::StoreLink;
 use supervise::ChildId;
+use tls_conn::TlsSide;
 
 /// The fan-out buffer keeps at most this capacity from one turn to the next.
 const FAN_KEEP: usize = 4 << 20;
@@ -70,6 +74,8 @@ enum Source {
     HttpListener,
     /// An HTTP connection, by its slab key.
     Http(usize),
+    /// [tls] The TLS listening socket: accept.
+    TlsListener,
 }
 
 /// Tokens from here up are not connections.
@@ -78,6 +84,9 @@ const FIXED_FLOOR: usize = usize::MAX / 2;
 /// Tokens from here up to `FIXED_FLOOR` are HTTP connections; a slab of `max_clients`
 /// (a `u32`) never gets here.
 const HTTP_BASE: usize = usize::MAX / 4;
+/// [tls] The TLS listener's token: above the clients, far below the children's, which
+/// count down from the top two per mailer.
+const TLS_LISTENER_TOKEN: usize = FIXED_FLOOR + 7643;
 
 impl Source {
     fn token(self) -> Token {
@@ -91,6 +100,7 @@ impl Source {
             Source::Client(key) => key,
             Source::HttpListener => FIXED_FLOOR,
             Source::Http(key) => HTTP_BASE + key,
+            Source::TlsListener => TLS_LISTENER_TOKEN,
         })
     }
 
@@ -103,6 +113,9 @@ impl Source {
         }
         if t == FIXED_FLOOR {
             return Source::HttpListener;
+        }
+        if t == TLS_LISTENER_TOKEN {
+            return Source::TlsListener;
         }
         match usize::MAX - t {
             0 => Source::Listener,
@@ -158,14 +171,36 @@ pub struct Reactor {
     counters: Counters,
     /// When the reactor started, for `uptime_seconds`.
     started: Instant,
+    /// [tls] The TLS listener, its configuration and the handshakes under way.
+    tls: TlsSide,
 }
 
 impl Reactor {
-    /// Builds the reactor around a bound listener; forks the children.
-    pub fn new(cfg: Config, listener: std::net::TcpListener, mail: MailSettings) -> io::Result<Reactor> {
+    /// Builds the reactor around the bound listeners (the plain one unless `plain =
+    /// false`; the TLS one with its configuration when `tls_cert_file` is set); forks the
+    /// children.
+    pub fn new(
+        cfg: Config,
+        listener: Option<std::net::TcpListener>,
+        tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+        mail: MailSettings,
+    ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, Source::Listener.token(), Interest::READABLE)?;
+        let listener = match listener {
+            Some(l) => {
+                let mut l = TcpListener::from_std(l);
+                poll.registry().register(&mut l, Source::Listener.token(), Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let mut tls_side = TlsSide::default();
+        if let Some((l, config)) = tls {
+            let mut l = TcpListener::from_std(l);
+            poll.registry().register(&mut l, Source::TlsListener.token(), Interest::READABLE)?;
+            tls_side.listener = Some(l);
+            tls_side.config = Some(config);
+        }
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD])?;
         poll.registry().register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
         let workers = if cfg.mail_transport == Transport::None { 0 } else { cfg.mail_workers as usize };
@@ -187,6 +222,7 @@ impl Reactor {
             http: HttpSide::none(),
             counters: Counters::default(),
             started: Instant::now(),
+            tls: tls_side,
             cfg,
         };
         if r.mail_policy() == MailPolicy::Offline {
@@ -228,7 +264,8 @@ impl Reactor {
 
     fn dispatch(&mut self, source: Source, readable: bool, writable: bool) {
         match source {
-            Source::Listener => self.accept(),
+            Source::Listener => self.accept(false),
+            Source::TlsListener => self.accept(true),
             Source::Signals => self.take_signals(),
             Source::StoreRead => self.child_readable(ChildId::Store),
             Source::StoreWrite => self.flush_child(ChildId::Store),
@@ -267,6 +304,7 @@ impl Reactor {
         self.restart_children(now);
         self.expire(now);
         self.sweep(now);
+        self.expire_handshakes(now);
         self.run_deferred(now);
         for id in std::mem::take(&mut self.resume_child) {
             self.child_readable(id);
@@ -287,7 +325,8 @@ impl Reactor {
         if let Some(t) = self.acceptor.paused_until {
             if now >= t {
                 self.acceptor.paused_until = None;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
         }
         None
@@ -310,6 +349,7 @@ impl Reactor {
         };
         consider(self.store.next_expiry(self.store_timeout()));
         consider(self.acceptor.paused_until);
+        consider(self.tls.handshakes.next_deadline());
         consider(self.mail.next_due);
         consider(self.store.deferred.iter().map(|d| d.0).min());
         consider(self.store.child.restart_at);
@@ -347,6 +387,7 @@ mod tests {
             Source::Http(0),
             Source::Http(1_000_000),
             Source::Http(u32::MAX as usize),
+            Source::TlsListener,
         ];
         let mut tokens = std::collections::HashSet::new();
         for s in sources {

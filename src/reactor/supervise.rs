@@ -53,7 +53,7 @@ impl Reactor {
             for ev in events.iter() {
                 match Source::of(ev.token()) {
                     // Clients wait until the store is up: accepted below.
-                    Source::Listener => {}
+                    Source::Listener | Source::TlsListener => {}
                     source => self.dispatch(source, ev.is_readable(), ev.is_writable()),
                 }
             }
@@ -62,8 +62,9 @@ impl Reactor {
         if let Some(why) = self.fatal.take() {
             return Err(why);
         }
-        // The listener is edge-triggered: take what came while we waited.
-        self.accept();
+        // The listeners are edge-triggered: take what came while we waited.
+        self.accept(false);
+        self.accept(true);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 use std::env;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::wire::Server;
@@ -25,7 +26,9 @@ scenarios:
             database --db of a stopped notifd, for replay
 options:
   --server notifd|redis|nats|mqtt   --addr 127.0.0.1:PORT   --payload 64
-  --timeout SECONDS (whole run, default 120)";
+  --timeout SECONDS (whole run, default 120)
+  --tls --ca FILE   every connection through TLS, the server's certificate (for the
+            name localhost) checked against the PEM file FILE";
 
 /// Room for the send time and the sequence number that every payload starts with.
 const PAYLOAD_MIN: usize = 40;
@@ -52,6 +55,8 @@ pub struct Args {
     pub payload: usize,
     pub count: u64,
     pub timeout: Duration,
+    /// `--tls --ca FILE`: the client configuration every connection uses.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `Err` with an empty text means help was asked for.
@@ -76,12 +81,19 @@ pub fn parse_args() -> Result<Args, String> {
         payload: 64,
         count: 1_000_000,
         timeout: Duration::from_secs(120),
+        tls: None,
     };
+    let mut tls = false;
+    let mut ca: Option<PathBuf> = None;
     let argv: Vec<String> = env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(k) = it.next() {
         if k == "-h" || k == "--help" {
             return Err(String::new());
+        }
+        if k == "--tls" {
+            tls = true;
+            continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         let num = |v: &str| -> Result<u64, String> {
@@ -122,6 +134,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--payload" => a.payload = num(v)? as usize,
             "--count" => a.count = num(v)?,
             "--timeout" => a.timeout = secs(v)?,
+            "--ca" => ca = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -130,6 +143,12 @@ pub fn parse_args() -> Result<Args, String> {
     }
     if a.payload < PAYLOAD_MIN {
         return Err(format!("--payload must be at least {PAYLOAD_MIN}"));
+    }
+    match (tls, ca) {
+        (true, Some(ca)) => a.tls = Some(crate::tls::client_config(&ca)?),
+        (true, None) => return Err("--tls needs --ca FILE".into()),
+        (false, Some(_)) => return Err("--ca goes with --tls".into()),
+        (false, None) => {}
     }
     if a.kind != "sub" && a.kind != "pub" {
         return Err("--kind is sub or pub".into());

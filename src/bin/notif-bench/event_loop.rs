@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use crate::histogram::Histogram;
 use crate::now_ns;
+use crate::tls::Session;
 use crate::wire::{hello, make_payload, parse, publish, read_payload, subscribe, Ev, Server};
 
 /// One read's worth of bytes.
@@ -54,6 +55,8 @@ pub struct Conn {
     /// Writer: send times of the commands awaiting their reply, oldest first.
     pub pending: VecDeque<u64>,
     pub sent: u64,
+    /// `--tls`: the connection's TLS session.
+    tls: Option<Box<Session>>,
 }
 
 /// One publisher's stream of messages to its subscribers, with an end-to-end window:
@@ -134,10 +137,15 @@ pub struct Bench {
     pub acked: u64,
     pub payload: Vec<u8>,
     payload_len: usize,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Bench {
-    pub fn new(server: Server, payload_len: usize) -> Result<Bench, String> {
+    pub fn new(
+        server: Server,
+        payload_len: usize,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Bench, String> {
         Ok(Bench {
             server,
             poll: Poll::new().map_err(|e| format!("poll: {e}"))?,
@@ -150,6 +158,7 @@ impl Bench {
             acked: 0,
             payload: Vec::with_capacity(payload_len),
             payload_len,
+            tls,
         })
     }
 
@@ -185,7 +194,13 @@ impl Bench {
             let topic = self.flows.get(flow).map_or("bench.idle", |f| &f.topic);
             subscribe(self.server, &mut wbuf, topic, id);
         }
+        let tls = match &self.tls {
+            // NATS 2.9 says INFO in clear first; the others start with the handshake.
+            Some(config) => Some(Box::new(Session::new(config, self.server != Server::Nats)?)),
+            None => None,
+        };
         self.conns.push(Conn {
+            tls,
             stream,
             role,
             flow,
@@ -249,7 +264,12 @@ impl Bench {
     fn read(&mut self, i: usize) {
         let mut scratch = std::mem::take(&mut self.scratch);
         loop {
-            let n = match self.conns[i].stream.read(&mut scratch) {
+            let c = &mut self.conns[i];
+            let got = match c.tls.as_deref_mut() {
+                Some(t) if t.on => t.read(&mut c.stream, &mut scratch),
+                _ => c.stream.read(&mut scratch),
+            };
+            let n = match got {
                 Ok(0) => {
                     self.close(i, "connection closed by the server");
                     break;
@@ -303,12 +323,15 @@ impl Bench {
             // A short read emptied the socket: the next arrival raises a new edge, so
             // the read that would only say WouldBlock can be saved (one syscall per
             // wake-up, which matters when the generator must outrun the server).
-            if self.conns[i].closed || n < scratch.len() {
+            // (Not through TLS: a short plaintext read says nothing of the socket.)
+            if self.conns[i].closed || (self.conns[i].tls.is_none() && n < scratch.len()) {
                 break;
             }
         }
         self.scratch = scratch;
-        if !self.conns[i].closed && self.conns[i].woff < self.conns[i].wbuf.len() {
+        let c = &self.conns[i];
+        let tls_out = c.tls.as_ref().is_some_and(|t| t.on && t.wants_write());
+        if !c.closed && (c.woff < c.wbuf.len() || tls_out) {
             self.flush(i);
         }
     }
@@ -317,6 +340,10 @@ impl Bench {
         let c = &mut self.conns[i];
         match ev {
             Ev::Greeting => {
+                if let Some(t) = c.tls.as_deref_mut() {
+                    // NATS: the handshake starts after INFO.
+                    t.on = true;
+                }
                 c.greeted = true;
                 if matches!(c.role, Role::Pub | Role::Writer) {
                     c.ready = true;
@@ -362,6 +389,21 @@ impl Bench {
 
     pub fn flush(&mut self, i: usize) {
         let c = &mut self.conns[i];
+        if let Some(t) = c.tls.as_deref_mut() {
+            if !t.on {
+                return; // NATS before INFO: nothing may go out in clear
+            }
+            let sent =
+                if c.wbuf.is_empty() { t.push(&mut c.stream) } else { t.write(&mut c.stream, &c.wbuf) };
+            c.wbuf.clear();
+            c.woff = 0;
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => self.close(i, &format!("TLS write: {e}")),
+            }
+            return;
+        }
         while c.woff < c.wbuf.len() {
             match c.stream.write(&c.wbuf[c.woff..]) {
                 Ok(n) => c.woff += n,

@@ -19,6 +19,7 @@ mod args;
 mod event_loop;
 mod histogram;
 mod scenarios;
+mod tls;
 mod wire;
 
 use std::process::ExitCode;

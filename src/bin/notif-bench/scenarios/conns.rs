@@ -62,7 +62,7 @@ fn tree_rss_kb(pid: u32) -> u64 {
 pub fn run(a: &Args) -> Result<(), String> {
     let pid = a.pid.ok_or("conns needs --pid of the server")?;
     let deadline = Instant::now() + a.timeout;
-    let mut b = Bench::new(a.server, a.payload)?;
+    let mut b = Bench::new(a.server, a.payload, a.tls.clone())?;
     // About 20,000 ephemeral ports per source address keeps clear of the range's end.
     let nsrc = if a.sources > 0 { a.sources } else { (a.conns / 20_000 + 1).max(4) }.min(254);
     let before = tree_rss_kb(pid);

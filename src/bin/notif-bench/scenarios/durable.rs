@@ -16,7 +16,7 @@ pub fn run(a: &Args) -> Result<(), String> {
         return Err("durable is a notifd scenario".into());
     }
     let deadline = Instant::now() + a.timeout;
-    let mut b = Bench::new(a.server, a.payload)?;
+    let mut b = Bench::new(a.server, a.payload, a.tls.clone())?;
     let plan = vec![(Role::Writer, 0); a.conns];
     let (_, failed) = b.setup(a.addr, &plan, &[], deadline)?;
     if failed > 0 {

@@ -12,7 +12,7 @@ use crate::{now_ns, Meter};
 /// fanout, latency and pairs: flows of messages from publishers to subscribers.
 pub fn run(a: &Args) -> Result<(), String> {
     let deadline = Instant::now() + a.timeout;
-    let mut b = Bench::new(a.server, a.payload)?;
+    let mut b = Bench::new(a.server, a.payload, a.tls.clone())?;
     let (nflows, subs_per_flow, total, window, rate) = match a.scenario.as_str() {
         "fanout" => (1, a.subs, a.msgs, a.window, None),
         "pairs" => (a.pairs, 1, a.msgs, a.window, None),
