@@ -6,9 +6,12 @@
 
 mod util;
 
+#[path = "util/http_client.rs"]
+mod http_client;
 #[path = "util/smtp.rs"]
 mod smtp;
 
+use http_client::{got, http_addr, Got};
 use notifd::consent::{Link, Secret};
 use smtp::{Options, SmtpServer};
 use std::collections::HashMap;
@@ -36,8 +39,7 @@ fn start(server: &SmtpServer, extra: &str) -> (Daemon, SocketAddr) {
          mail_from = \"{FROM}\"\nmail_retry_base = 1\n{extra}",
         server.port
     ));
-    let line = d.wait_log(|l| l.contains("http listening on "), WAIT);
-    let http = line.rsplit("http listening on ").next().unwrap().trim().parse().expect("an address");
+    let http = http_addr(&d);
     (d, http)
 }
 
@@ -49,29 +51,6 @@ fn local(url: &str, http: SocketAddr) -> String {
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout(WAIT * 3).redirects(0).build()
-}
-
-/// Status, headers (names lowercased) and body of a response.
-struct Got {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-fn got(r: Result<ureq::Response, ureq::Error>) -> Got {
-    let resp = match r {
-        Ok(resp) => resp,
-        Err(ureq::Error::Status(_, resp)) => resp,
-        Err(e) => panic!("HTTP request failed: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|n| (n.to_ascii_lowercase(), resp.header(&n).unwrap().to_owned()))
-        .collect();
-    let body = resp.into_string().expect("a UTF-8 body");
-    Got { status, headers, body }
 }
 
 fn get(url: &str) -> Got {
