@@ -649,3 +649,54 @@ impl Reactor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn title(path: LinkPath, kind: LinkKind, action: LinkAction, events: &[&str], opted_out: bool) -> String {
+        let view = LinkView {
+            kind,
+            email: "ana@example.org".into(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            changed: 0,
+            opted_out,
+        };
+        let body = link_page(path, action, &view).body;
+        let start = body.find("<h1>").expect("a heading") + 4;
+        body[start..start + body[start..].find("</h1>").unwrap()].to_owned()
+    }
+
+    #[test]
+    fn each_link_and_action_gets_its_page() {
+        use LinkAction::{Apply, OptOut, Show};
+        use LinkPath::{Confirm as C, Unsubscribe as U};
+        let cases = [
+            (C, LinkKind::Confirm, Show, &["e"][..], false, "Confirm email notifications"),
+            (C, LinkKind::Confirm, Show, &[], false, "Nothing to confirm"),
+            (C, LinkKind::Confirm, Apply, &["e"], false, "Subscription confirmed"),
+            (U, LinkKind::Unsubscribe, Show, &["e"], false, "Unsubscribe"),
+            (U, LinkKind::Unsubscribe, Show, &[], false, "Already unsubscribed"),
+            (U, LinkKind::Unsubscribe, Show, &[], true, "All email stopped"),
+            (U, LinkKind::Unsubscribe, Apply, &["e"], false, "Unsubscribed"),
+            (U, LinkKind::Unsubscribe, OptOut, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, Show, &["e"], false, "Stop all email"),
+            (U, LinkKind::OptOut, Show, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, Apply, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, OptOut, &[], true, "All email stopped"),
+        ];
+        for (path, kind, action, events, opted_out, want) in cases {
+            assert_eq!(title(path, kind, action, events, opted_out), want, "{path:?} {kind:?} {action:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_fits_only_its_path() {
+        assert!(LinkPath::Confirm.fits(LinkKind::Confirm));
+        assert!(!LinkPath::Confirm.fits(LinkKind::Unsubscribe) && !LinkPath::Confirm.fits(LinkKind::OptOut));
+        assert!(
+            LinkPath::Unsubscribe.fits(LinkKind::Unsubscribe) && LinkPath::Unsubscribe.fits(LinkKind::OptOut)
+        );
+        assert!(!LinkPath::Unsubscribe.fits(LinkKind::Confirm));
+    }
+}
