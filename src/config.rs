@@ -497,6 +497,13 @@ impl Config {
                 "\"plain = false\" needs \"tls_cert_file\": there would be no port to listen on".into(),
             ));
         }
+        if !self.public_url.is_empty() && self.http_host.is_empty() {
+            // Every link in the emails would lead nowhere.
+            return Err((
+                "public_url",
+                "\"public_url\" needs \"http_host\": nothing would serve the links in the emails".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -991,7 +998,7 @@ log_level = "debug"
         let c = parse(
             "confirm = false\nconfirm_interval = 60\nconfirm_days = 2\nconfirm_domain_rate = 5\n\
              confirm_rate = 50\nmax_unconfirmed_per_email = 3\nmax_unconfirmed = 10\n\
-             public_url = \"https://notify.example.com/n/\"\nport = 7601\n",
+             public_url = \"https://notify.example.com/n/\"\nhttp_host = \"::1\"\nport = 7601\n",
         )
         .unwrap();
         assert!(!c.confirm);
@@ -1010,7 +1017,8 @@ log_level = "debug"
             (m.public_url.as_str(), m.server.as_str()),
             ("https://notify.example.com/n", "notify.example.com:7601")
         );
-        assert_eq!(parse("public_url = \"http://[::1]:8080\"").unwrap().server_name(), "[::1]:7600");
+        let url = "public_url = \"http://[::1]:8080\"\nhttp_host = \"::1\"";
+        assert_eq!(parse(url).unwrap().server_name(), "[::1]:7600");
         assert_eq!(parse("host = \"192.0.2.7\"").unwrap().server_name(), "192.0.2.7:7600");
         assert!(error("confirm = 1").contains("\"confirm\" must be true or false"));
         assert!(error("confirm_days = 0").contains("\"confirm_days\" must be from 1"));
@@ -1073,6 +1081,11 @@ log_level = "debug"
         );
         assert!(error("\n\npublish_token = \"a b\"").starts_with("test.conf line 3: \"publish_token\""));
         assert!(error("smtp_password_file = \"/p\"").contains("needs \"smtp_user\""));
+        assert_eq!(
+            error("port = 1\npublic_url = \"https://n.example.com\"\n"),
+            "test.conf line 2: \"public_url\" needs \"http_host\": nothing would serve the links in the emails"
+        );
+        assert!(parse("public_url = \"https://n.example.com\"\nhttp_host = \"127.0.0.1\"\n").is_ok());
     }
 
     #[test]

@@ -914,6 +914,42 @@ pub fn unsubscribed_page(addr: &str, event: &str) -> Response {
     })
 }
 
+/// The page of `GET /unsubscribe/<token>` when the link's pair is no longer stored (the
+/// link was used, or the address unsubscribed otherwise): saying so, and still offering
+/// the stop-all button. The token does not say the event to a page that has no pair.
+pub fn not_subscribed_page(addr: &str) -> Response {
+    page(Status::Ok, "Already unsubscribed", |b| {
+        b.push_str("<p>");
+        address(b, addr);
+        b.push_str(" no longer receives the emails this link stops.</p>\n");
+        buttons(b, &[("all", "Stop all email to this address")]);
+    })
+}
+
+/// The page of `GET /unsubscribe/<token>` for a confirmation email's stop-all link: the
+/// address, its stored events, and the stop-all button.
+pub fn optout_page(addr: &str, events: &[&str]) -> Response {
+    page(Status::Ok, "Stop all email", |b| {
+        b.push_str("<p>Stop all email from this server to ");
+        address(b, addr);
+        b.push_str("?</p>\n");
+        if !events.is_empty() {
+            b.push_str("<p>This ends its subscriptions to:</p>\n<ul>\n");
+            for e in events {
+                b.push_str("<li><code>");
+                escape_html(b, e);
+                b.push_str("</code></li>\n");
+            }
+            b.push_str("</ul>\n");
+        }
+        buttons(b, &[("all", "Stop all email to this address")]);
+        b.push_str(
+            "<p class=\"quiet\">No confirmation email will be sent to it again. Nothing changes \
+             until you press the button.</p>\n",
+        );
+    })
+}
+
 /// The page of the stop-all button's POST.
 pub fn opted_out_page(addr: &str) -> Response {
     page(Status::Ok, "All email stopped", |b| {
@@ -1463,6 +1499,9 @@ mod tests {
             unsubscribe_page("a@b", "e"),
             unsubscribed_page("a@b", "e"),
             opted_out_page("a@b"),
+            not_subscribed_page("a@b"),
+            optout_page("a@b", &["e"]),
+            optout_page("a@b", &[]),
             not_found_page(),
             error_page(Status::InternalServerError, "the database did not answer"),
             forbidden(),
@@ -1551,6 +1590,8 @@ mod tests {
             unsubscribe_page(evil, evil),
             unsubscribed_page(evil, evil),
             opted_out_page(evil),
+            not_subscribed_page(evil),
+            optout_page(evil, &[evil]),
             error_page(Status::BadRequest, evil),
         ] {
             assert!(!r.body.contains("<script") && !r.body.contains("'x'"), "{}", r.body);

@@ -5,6 +5,10 @@
 
 mod util;
 
+#[path = "util/http_client.rs"]
+mod http_client;
+
+use http_client::{got, http_addr, Got};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,37 +28,8 @@ fn start(extra: &str) -> (Daemon, SocketAddr) {
     (d, http)
 }
 
-/// The HTTP side's address, from its log line.
-fn http_addr(d: &Daemon) -> SocketAddr {
-    let line = d.wait_log(|l| l.contains("http listening on "), WAIT);
-    line.rsplit("http listening on ").next().unwrap().trim().parse().expect("an address")
-}
-
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout(WAIT * 3).build()
-}
-
-/// What came back for a request: status, headers (names lowercased) and body.
-struct Got {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-fn got(r: Result<ureq::Response, ureq::Error>) -> Got {
-    let resp = match r {
-        Ok(resp) => resp,
-        Err(ureq::Error::Status(_, resp)) => resp,
-        Err(e) => panic!("HTTP request failed: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|n| (n.to_ascii_lowercase(), resp.header(&n).unwrap().to_owned()))
-        .collect();
-    let body = resp.into_string().expect("a UTF-8 body");
-    Got { status, headers, body }
 }
 
 fn get(http: SocketAddr, path: &str) -> Got {

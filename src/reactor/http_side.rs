@@ -11,9 +11,9 @@
 use super::store_link::Target;
 use super::{Reactor, Source};
 use crate::http::{
-    self, Action, HttpError, Limits, Metric, MetricKind, Request, RequestReader, Response, Status,
+    self, Action, HttpError, Limits, Metric, MetricKind, Request, RequestReader, Response, Status, Token,
 };
-use crate::ipc::{StoreStats, ToStore};
+use crate::ipc::{LinkAction, LinkKind, LinkView, StoreStats, ToStore};
 use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
 use slab::Slab;
@@ -57,6 +57,36 @@ enum Phase {
     Lingering,
 }
 
+/// Which page a link's path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkPath {
+    /// `/confirm/<token>`.
+    Confirm,
+    /// `/unsubscribe/<token>`.
+    Unsubscribe,
+}
+
+impl LinkPath {
+    /// Whether a token of `kind` belongs under this path; any other is a 404.
+    fn fits(self, kind: LinkKind) -> bool {
+        match self {
+            LinkPath::Confirm => kind == LinkKind::Confirm,
+            LinkPath::Unsubscribe => matches!(kind, LinkKind::Unsubscribe | LinkKind::OptOut),
+        }
+    }
+}
+
+/// A link request waiting on the store. A POST goes in two steps: `Show` first, so a
+/// token sent under the wrong path is refused before anything changes, then its action.
+struct LinkAsk {
+    path: LinkPath,
+    /// Kept for the second step; `Token`'s `Debug` never shows it.
+    token: Token,
+    action: LinkAction,
+    /// The store has said the token fits the path, and was sent the action.
+    checked: bool,
+}
+
 /// One HTTP client.
 struct HttpConn {
     /// Unique over the daemon's life, so a late store answer never reaches a newer
@@ -73,8 +103,31 @@ struct HttpConn {
     phase: Phase,
     /// The request was a HEAD: the response goes without its body.
     head: bool,
+    /// The link request the store is asked about, while `Waiting` on it.
+    link: Option<LinkAsk>,
     /// When the current phase has run out of time.
     deadline: Instant,
+}
+
+/// The page of a link whose token fits its path, after the action if there was one.
+fn link_page(path: LinkPath, action: LinkAction, view: &LinkView) -> Response {
+    let email = view.email.as_str();
+    let events: Vec<&str> = view.events.iter().map(String::as_str).collect();
+    match (path, view.kind, action) {
+        (_, _, LinkAction::OptOut) | (_, LinkKind::OptOut, LinkAction::Apply) => http::opted_out_page(email),
+        (LinkPath::Confirm, _, LinkAction::Show) => http::confirm_page(email, &events),
+        (LinkPath::Confirm, _, LinkAction::Apply) => http::confirmed_page(email, &events),
+        (LinkPath::Unsubscribe, LinkKind::OptOut, LinkAction::Show) if view.opted_out => {
+            http::opted_out_page(email)
+        }
+        (LinkPath::Unsubscribe, LinkKind::OptOut, LinkAction::Show) => http::optout_page(email, &events),
+        (LinkPath::Unsubscribe, _, action) => match (events.first(), action) {
+            (Some(event), LinkAction::Show) => http::unsubscribe_page(email, event),
+            (Some(event), _) => http::unsubscribed_page(email, event),
+            (None, _) if view.opted_out => http::opted_out_page(email),
+            (None, _) => http::not_subscribed_page(email),
+        },
+    }
 }
 
 /// The HTTP listener and its connections.
@@ -267,6 +320,7 @@ impl Reactor {
                 out: Vec::new(),
                 phase: Phase::Reading,
                 head: false,
+                link: None,
                 deadline: now + Duration::from_secs(http::REQUEST_TIMEOUT_SECS),
             });
             self.http.next_id += 1;
@@ -349,20 +403,90 @@ impl Reactor {
             Action::Metrics => {
                 let conn_id = self.http.conns[key].id;
                 self.send_store(|req| ToStore::Stats { req }, Target::Http { key, conn_id });
-                let c = &mut self.http.conns[key];
-                c.phase = Phase::Waiting;
-                c.deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
+                self.http_wait(key);
                 return;
             }
-            // The pages need the consent tables, which the store does not have yet: until
-            // then every link is one that is not valid.
-            Action::ConfirmPage(_)
-            | Action::Confirm(_)
-            | Action::UnsubscribePage(_)
-            | Action::Unsubscribe(_)
-            | Action::OptOut(_) => http::not_found_page(),
+            Action::ConfirmPage(t) => return self.http_link(key, LinkPath::Confirm, t, LinkAction::Show),
+            Action::Confirm(t) => return self.http_link(key, LinkPath::Confirm, t, LinkAction::Apply),
+            Action::UnsubscribePage(t) => {
+                return self.http_link(key, LinkPath::Unsubscribe, t, LinkAction::Show)
+            }
+            Action::Unsubscribe(t) => {
+                return self.http_link(key, LinkPath::Unsubscribe, t, LinkAction::Apply)
+            }
+            Action::OptOut(t) => return self.http_link(key, LinkPath::Unsubscribe, t, LinkAction::OptOut),
         };
         self.http_respond(key, &response);
+    }
+
+    /// The connection now waits on the store, for at most `store_timeout`.
+    fn http_wait(&mut self, key: usize) {
+        let c = &mut self.http.conns[key];
+        c.phase = Phase::Waiting;
+        c.deadline = Instant::now() + Duration::from_secs(self.cfg.store_timeout.into());
+    }
+
+    /// A confirm or unsubscribe link: a token of the wrong form is a 404 at once; any
+    /// other is shown by the store first (see [`LinkAsk`]).
+    fn http_link(&mut self, key: usize, path: LinkPath, token: &Token, action: LinkAction) {
+        if !crate::consent::token_form_ok(token.as_str()) {
+            log::debug!("{}: http: a link token of the wrong form", self.http.conns[key].peer);
+            return self.http_respond(key, &http::not_found_page());
+        }
+        let ask = LinkAsk { path, token: token.clone(), action, checked: action == LinkAction::Show };
+        self.http_open_link(key, &ask, LinkAction::Show);
+        self.http.conns[key].link = Some(ask);
+    }
+
+    fn http_open_link(&mut self, key: usize, ask: &LinkAsk, action: LinkAction) {
+        let conn_id = self.http.conns[key].id;
+        let token = ask.token.as_str().to_owned();
+        let now = crate::ipc::unix_now();
+        self.send_store(|req| ToStore::OpenLink { req, token, action, now }, Target::Http { key, conn_id });
+        self.http_wait(key);
+    }
+
+    /// The store's `LinkPage` answer: for a waiting HTTP connection; any other request
+    /// answered with it is failed.
+    pub(super) fn http_link_answer(&mut self, req: u64, view: Option<LinkView>) {
+        let Some(r) = self.store.pending.remove(&req) else { return };
+        match r.target {
+            Target::Http { key, conn_id } => self.http_link_page(key, conn_id, view),
+            target => self.fail_reply(&target, "unexpected answer from the store"),
+        }
+    }
+
+    /// The store's view of a link, if its connection still waits: the page, or the
+    /// POST's second step.
+    fn http_link_page(&mut self, key: usize, conn_id: u64, view: Option<LinkView>) {
+        if !self.http_waiting(key, conn_id) {
+            return;
+        }
+        let Some(mut ask) = self.http.conns[key].link.take() else {
+            // An answer to a request that was not a link's: the store is confused.
+            let text = "unexpected answer from the database";
+            return self.http_respond(key, &http::error_page(Status::InternalServerError, text));
+        };
+        let peer = self.http.conns[key].peer;
+        let Some(view) = view.filter(|v| ask.path.fits(v.kind)) else {
+            log::debug!("{peer}: http: a link not valid for its path");
+            return self.http_respond(key, &http::not_found_page());
+        };
+        if !ask.checked {
+            ask.checked = true;
+            self.http_open_link(key, &ask, ask.action);
+            self.http.conns[key].link = Some(ask);
+            return;
+        }
+        if view.changed > 0 {
+            let what = match (view.kind, ask.action) {
+                (_, LinkAction::OptOut) | (LinkKind::OptOut, _) => "opted out",
+                (LinkKind::Confirm, _) => "confirmed",
+                (LinkKind::Unsubscribe, _) => "unsubscribed",
+            };
+            log::info!("{peer}: http: {what} ({} pairs)", view.changed);
+        }
+        self.http_respond(key, &link_page(ask.path, ask.action, &view));
     }
 
     /// `/metrics` is for the operator: the publish token as a bearer, or, with no token
@@ -523,5 +647,56 @@ impl Reactor {
         for key in keys {
             self.http.close(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn title(path: LinkPath, kind: LinkKind, action: LinkAction, events: &[&str], opted_out: bool) -> String {
+        let view = LinkView {
+            kind,
+            email: "ana@example.org".into(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            changed: 0,
+            opted_out,
+        };
+        let body = link_page(path, action, &view).body;
+        let start = body.find("<h1>").expect("a heading") + 4;
+        body[start..start + body[start..].find("</h1>").unwrap()].to_owned()
+    }
+
+    #[test]
+    fn each_link_and_action_gets_its_page() {
+        use LinkAction::{Apply, OptOut, Show};
+        use LinkPath::{Confirm as C, Unsubscribe as U};
+        let cases = [
+            (C, LinkKind::Confirm, Show, &["e"][..], false, "Confirm email notifications"),
+            (C, LinkKind::Confirm, Show, &[], false, "Nothing to confirm"),
+            (C, LinkKind::Confirm, Apply, &["e"], false, "Subscription confirmed"),
+            (U, LinkKind::Unsubscribe, Show, &["e"], false, "Unsubscribe"),
+            (U, LinkKind::Unsubscribe, Show, &[], false, "Already unsubscribed"),
+            (U, LinkKind::Unsubscribe, Show, &[], true, "All email stopped"),
+            (U, LinkKind::Unsubscribe, Apply, &["e"], false, "Unsubscribed"),
+            (U, LinkKind::Unsubscribe, OptOut, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, Show, &["e"], false, "Stop all email"),
+            (U, LinkKind::OptOut, Show, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, Apply, &[], true, "All email stopped"),
+            (U, LinkKind::OptOut, OptOut, &[], true, "All email stopped"),
+        ];
+        for (path, kind, action, events, opted_out, want) in cases {
+            assert_eq!(title(path, kind, action, events, opted_out), want, "{path:?} {kind:?} {action:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_fits_only_its_path() {
+        assert!(LinkPath::Confirm.fits(LinkKind::Confirm));
+        assert!(!LinkPath::Confirm.fits(LinkKind::Unsubscribe) && !LinkPath::Confirm.fits(LinkKind::OptOut));
+        assert!(
+            LinkPath::Unsubscribe.fits(LinkKind::Unsubscribe) && LinkPath::Unsubscribe.fits(LinkKind::OptOut)
+        );
+        assert!(!LinkPath::Unsubscribe.fits(LinkKind::Confirm));
     }
 }

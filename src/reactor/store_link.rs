@@ -200,11 +200,11 @@ impl Reactor {
                 self.got_mail(jobs, next_due);
             }
             FromStore::Stats { req, stats } => self.stats_answer(req, &stats),
+            FromStore::LinkPage { req, page } => self.http_link_answer(req, page),
             // Answers to consent requests, which this reactor does not send yet.
             FromStore::Refused { req, .. }
             | FromStore::Confirmed { req, .. }
-            | FromStore::Pairs { req, .. }
-            | FromStore::LinkPage { req, .. } => {
+            | FromStore::Pairs { req, .. } => {
                 if let Some(r) = self.store.pending.remove(&req) {
                     self.fail_reply(&r.target, "unexpected answer from the store");
                 }
