@@ -49,6 +49,7 @@ commands:
                        print notifications of each EVENT as they arrive (nothing stored)
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
   list EMAIL           print the events EMAIL is subscribed to, with the time of subscription
+                       (and \"pending\" while not confirmed)
   ping [TEXT...]       check that the server answers
   stats                print the server's counters, one \"NAME VALUE\" a line
 stream options (sub, watch; after a drop both resume from the last id printed):
@@ -266,10 +267,12 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
                 if is_err(&line) {
                     return Err(Failure::Server(line));
                 }
-                // SUB <event> <email> <timestamp>
+                // SUB <event> <email> <timestamp> [pending]
                 let f: Vec<&str> = line.split_whitespace().collect();
                 if f.len() == 4 && f[0] == "SUB" {
                     print_line(&format!("{} {}", f[1], f[3]))?;
+                } else if f.len() == 5 && f[0] == "SUB" && f[4] == "pending" {
+                    print_line(&format!("{} {} pending", f[1], f[3]))?;
                 }
             }
             conn.quit();
