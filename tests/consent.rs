@@ -7,7 +7,9 @@
 
 mod util;
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::Stdio;
 use util::{Client, Daemon, WAIT};
 
 const TOKEN: &str = "consent-test-token";
@@ -415,4 +417,77 @@ fn offline_policy_counts_only_trusted_live_connections() {
     u.expect("+OK AUTH");
     let (id, _) = util::publish(&mut publisher, "off", "three");
     assert_eq!(count(&d, &q(id), lu), 0);
+}
+
+/// notif to the daemon with `args`, killed if it runs past the wait; (status, stdout,
+/// stderr).
+fn notif(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_notif"))
+        .env_remove("NOTIF_HOST")
+        .env_remove("NOTIF_PORT")
+        .env_remove("NOTIF_TOKEN")
+        .args(["-H", "127.0.0.1", "-p", &d.port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn notif");
+    let mut status = None;
+    util::wait_until("notif to exit", WAIT, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (status.unwrap().code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// notif(1): `sub` says when the subscription waits for its confirmation, `confirm`
+/// confirms with the emailed code, `list` shows the state, `unsub` stops with the code
+/// and says when an untrusted UNSUB left a confirmed pair.
+#[test]
+fn notif_sub_confirm_list_and_unsub() {
+    let d = start("");
+    let zed = "zed@example.org";
+    let mut sub = std::process::Command::new(env!("CARGO_BIN_EXE_notif"))
+        .env_remove("NOTIF_TOKEN")
+        .args(["-H", "127.0.0.1", "-p", &d.port.to_string(), "sub", zed, "news"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn notif sub");
+    let stderr = sub.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let said = util::said(&rx, "pending:", "notif sub");
+    let _ = sub.kill();
+    let _ = sub.wait();
+    assert_eq!(said, format!("pending: check {zed} for a confirmation message"));
+
+    let (status, out, err) = notif(&d, &["-a", TOKEN, "list", zed]);
+    assert!(status == 0 && out.starts_with("news ") && out.trim_end().ends_with(" pending"), "{out}{err}");
+    let code = code_line(&body_lines(&wait_spooled(&d, "confirm-", 1)[0]), &format!("CONFIRM {zed} "));
+    let (status, out, err) = notif(&d, &["confirm", zed, &code]);
+    assert_eq!((status, out.as_str()), (0, "1\n"), "{err}");
+    let (status, out, _) = notif(&d, &["-a", TOKEN, "list", zed]);
+    assert!(status == 0 && !out.contains("pending"), "{out}");
+
+    let (status, _, err) = notif(&d, &["unsub", "news", zed]);
+    assert_eq!(status, 0, "{err}");
+    assert!(err.contains("a confirmed subscription stays"), "{err}");
+    let (id, _) = util::publish(&mut trusted(&d), "news", "hello");
+    let unsub =
+        code_line(&body_lines(&wait_spooled(&d, &format!("{id}-"), 1)[0]), &format!("UNSUB news {zed} "));
+    let (status, _, err) = notif(&d, &["unsub", "news", zed, "0000-0000-0000"]);
+    assert!(status == 1 && err.contains("-ERR AUTH"), "{err}");
+    let (status, _, err) = notif(&d, &["unsub", "news", zed, &unsub]);
+    assert_eq!(status, 0, "{err}");
+    let (_, out, _) = notif(&d, &["-a", TOKEN, "list", zed]);
+    assert_eq!(out, "");
 }
