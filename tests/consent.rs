@@ -75,9 +75,26 @@ fn code_line(lines: &[String], prefix: &str) -> String {
     code.to_string()
 }
 
+/// An untrusted connection that subscribed `email` to `event` (pending), and the code
+/// of the line starting `<word> <email> ` in the confirmation email that follows.
+fn pending_with_code(d: &Daemon, event: &str, email: &str, word: &str) -> (Client, String) {
+    let mut u = d.client();
+    u.cmd(&format!("SUB {event} {email}"));
+    u.expect(&format!("+OK SUB {event} pending"));
+    let code = code_line(&body_lines(&wait_spooled(d, "confirm-", 1)[0]), &format!("{word} {email} "));
+    (u, code)
+}
+
 /// A count from the database.
 fn count(d: &Daemon, sql: &str, email: &str) -> i64 {
     d.db().query_row(sql, [email], |r| r.get(0)).unwrap()
+}
+
+/// Stored pairs of `email`: (pending, confirmed).
+fn pairs(d: &Daemon, email: &str) -> (i64, i64) {
+    let sql = "SELECT count(*) FILTER (WHERE confirmed_at IS NULL), count(confirmed_at) FROM subscriptions \
+               WHERE email = ?1";
+    d.db().query_row(sql, [email], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
 }
 
 /// The lines of a trusted LIST of `email`, its `+OK` included.
@@ -156,18 +173,14 @@ fn untrusted_sub_is_confirmed_with_the_emailed_code_and_stopped_with_the_unsub_c
 fn an_opted_out_address_gets_no_confirmation_until_a_trusted_sub() {
     let d = start("");
     let bo = "bo@example.net";
-    let mut u = d.client();
-    u.cmd(&format!("SUB alerts {bo}"));
-    u.expect("+OK SUB alerts pending");
-    let confirm = wait_spooled(&d, "confirm-", 1);
-    let optout = code_line(&body_lines(&confirm[0]), &format!("OPTOUT {bo} "));
+    let (mut u, optout) = pending_with_code(&d, "alerts", bo, "OPTOUT");
     u.cmd(&format!("OPTOUT {bo} {optout}"));
     u.expect("+OK OPTOUT");
 
     let mut stranger = d.client();
     stranger.cmd(&format!("SUB other {bo}"));
     stranger.expect("+OK SUB other pending");
-    assert_eq!(count(&d, "SELECT count(*) FROM subscriptions WHERE email = ?1", bo), 0);
+    assert_eq!(pairs(&d, bo), (0, 0));
     assert_eq!(count(&d, "SELECT count(*) FROM confirmations WHERE email = ?1", bo), 1);
 
     let mut t = trusted(&d);
@@ -179,10 +192,7 @@ fn an_opted_out_address_gets_no_confirmation_until_a_trusted_sub() {
     // The opt-out is lifted: a stranger's SUB stores a pending pair again.
     stranger.cmd(&format!("SUB third {bo}"));
     stranger.expect("+OK SUB third pending");
-    assert_eq!(
-        count(&d, "SELECT count(*) FROM subscriptions WHERE email = ?1 AND confirmed_at IS NULL", bo),
-        1
-    );
+    assert_eq!(pairs(&d, bo).0, 1);
 }
 
 /// Forged, garbage and other addresses' codes get `-ERR AUTH` and the connection goes
@@ -191,10 +201,7 @@ fn an_opted_out_address_gets_no_confirmation_until_a_trusted_sub() {
 fn wrong_codes_are_refused_and_the_connection_stays() {
     let d = start("");
     let cy = "cy@example.com";
-    let mut u = d.client();
-    u.cmd(&format!("SUB e {cy}"));
-    u.expect("+OK SUB e pending");
-    let code = code_line(&body_lines(&wait_spooled(&d, "confirm-", 1)[0]), &format!("CONFIRM {cy} "));
+    let (mut u, code) = pending_with_code(&d, "e", cy, "CONFIRM");
     for bad in [
         format!("CONFIRM {cy} 0000-0000-0000"),
         format!("CONFIRM {cy} not-a-code"),
@@ -214,10 +221,7 @@ fn wrong_codes_are_refused_and_the_connection_stays() {
     u.expect("+OK CONFIRM 1");
     u.cmd(&format!("CONFIRM {cy} {code}"));
     u.expect("+OK CONFIRM 0");
-    assert_eq!(
-        count(&d, "SELECT count(*) FROM subscriptions WHERE email = ?1 AND confirmed_at IS NOT NULL", cy),
-        1
-    );
+    assert_eq!(pairs(&d, cy), (0, 1));
 }
 
 /// Past `auth_fail_limit` wrong codes in a minute, codes from that address are refused
@@ -227,10 +231,7 @@ fn wrong_codes_are_refused_and_the_connection_stays() {
 fn wrong_codes_past_the_limit_are_refused_unchecked_and_logged_once() {
     let d = start("auth_fail_limit = 3\n");
     let di = "di@example.com";
-    let mut u = d.client();
-    u.cmd(&format!("SUB e {di}"));
-    u.expect("+OK SUB e pending");
-    let code = code_line(&body_lines(&wait_spooled(&d, "confirm-", 1)[0]), &format!("CONFIRM {di} "));
+    let (mut u, code) = pending_with_code(&d, "e", di, "CONFIRM");
     for _ in 0..3 {
         u.cmd(&format!("CONFIRM {di} 0000-0000-0000"));
         u.expect_err("AUTH");
@@ -248,10 +249,7 @@ fn wrong_codes_past_the_limit_are_refused_unchecked_and_logged_once() {
     let needle = "wrong CONFIRM, OPTOUT or UNSUB codes from this address";
     d.wait_log_count(needle, 1, WAIT);
     assert_eq!(d.log_count(needle), 1, "{}", d.log_text());
-    assert_eq!(
-        count(&d, "SELECT count(*) FROM subscriptions WHERE email = ?1 AND confirmed_at IS NULL", di),
-        1
-    );
+    assert_eq!(pairs(&d, di).0, 1);
     // AUTH has its own counter.
     trusted(&d);
 }
@@ -275,14 +273,7 @@ fn one_mailbox_gets_one_confirmation_per_interval() {
     // Each SUB's confirmation is queued in its own commit: all are there now.
     let total: i64 = d.db().query_row("SELECT count(*) FROM confirmations", [], |r| r.get(0)).unwrap();
     assert_eq!(total, 2, "one for eve's mailbox, one for fay");
-    assert_eq!(
-        count(
-            &d,
-            "SELECT count(*) FROM subscriptions WHERE email = ?1 AND confirmed_at IS NULL",
-            "fay@example.org"
-        ),
-        5
-    );
+    assert_eq!(pairs(&d, "fay@example.org"), (5, 0));
     wait_spooled(&d, "confirm-", 2);
     u.sync();
     assert_eq!(spooled(&d, "confirm-").len(), 2);
@@ -333,7 +324,7 @@ fn max_unconfirmed_refuses_a_new_pending_pair_and_its_live_part() {
     let got = u.sync();
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].starts_with("MSG a "), "{got:?}");
-    assert_eq!(count(&d, "SELECT count(*) FROM subscriptions WHERE email = ?1", "ian@example.org"), 0);
+    assert_eq!(pairs(&d, "ian@example.org"), (0, 0));
 }
 
 /// An untrusted UNSUB ends its own live part and removes only a pending pair: a

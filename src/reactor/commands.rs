@@ -43,8 +43,8 @@ impl Reactor {
             Command::Stats => self.stats(key),
             Command::Watch { event, since } => self.watch(key, event, since),
             Command::Unwatch { event } => self.unwatch(key, event),
-            Command::Confirm { email, code } => self.confirm(key, &email, code),
-            Command::OptOut { email, code } => self.opt_out(key, &email, code),
+            Command::Confirm { email, code } => self.confirm(key, &email, code, true),
+            Command::OptOut { email, code } => self.confirm(key, &email, code, false),
         }
     }
 
@@ -208,24 +208,23 @@ impl Reactor {
         );
     }
 
-    /// CONFIRM: anyone may send it; the code is the proof.
-    fn confirm(&mut self, key: usize, email: &str, code: &str) {
+    /// CONFIRM (`confirm`) or OPTOUT: anyone may send them; the code is the proof.
+    fn confirm(&mut self, key: usize, email: &str, code: &str, confirm: bool) {
         if let Some(text) = self.code_refused(key, code) {
             return self.reply_err(key, Code::Auth, &text);
         }
-        let now = crate::ipc::unix_now();
-        let code = code.to_string();
-        self.store_request(key, |req| ToStore::Confirm { req, email: email.into(), code, now }, 0);
-    }
-
-    /// OPTOUT: anyone may send it; the code is the proof.
-    fn opt_out(&mut self, key: usize, email: &str, code: &str) {
-        if let Some(text) = self.code_refused(key, code) {
-            return self.reply_err(key, Code::Auth, &text);
-        }
-        let now = crate::ipc::unix_now();
-        let code = code.to_string();
-        self.store_request(key, |req| ToStore::OptOut { req, email: email.into(), code, now }, 0);
+        let (email, code, now) = (email.to_string(), code.to_string(), crate::ipc::unix_now());
+        self.store_request(
+            key,
+            |req| {
+                if confirm {
+                    ToStore::Confirm { req, email, code, now }
+                } else {
+                    ToStore::OptOut { req, email, code, now }
+                }
+            },
+            0,
+        );
     }
 
     /// Why a CONFIRM, OPTOUT or UNSUB code is refused before the store sees it: the
