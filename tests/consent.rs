@@ -482,3 +482,36 @@ fn notif_sub_confirm_list_and_unsub() {
     let (_, out, _) = notif(&d, &["-a", TOKEN, "list", zed]);
     assert_eq!(out, "");
 }
+
+/// A connection to the daemon from the loopback address `127.0.0.<last>`.
+fn client_from(d: &Daemon, last: u8) -> Client {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from = std::net::SocketAddr::from(([127, 0, 0, last], 0));
+    sock.bind(&from.into()).unwrap();
+    sock.connect_timeout(&d.listen.into(), WAIT).unwrap();
+    let mut c = Client::from_stream(sock.into());
+    c.greeting = c.line();
+    c
+}
+
+/// `sub_rate` counts per address, and ten times that per network: ten addresses of one
+/// /24 use up the network's minute, and an eleventh gets `-ERR LIMIT` at once.
+#[test]
+fn sub_rate_is_ten_times_per_network() {
+    let d = start("sub_rate = 1\n");
+    let mut first = client_from(&d, 2);
+    first.cmd("SUB n.2 net@example.org");
+    first.expect("+OK SUB n.2 pending");
+    first.cmd("SUB n.2b net@example.org");
+    first.expect_err("LIMIT");
+    for last in 3..=11 {
+        let mut c = client_from(&d, last);
+        c.cmd(&format!("SUB n.{last} net@example.org"));
+        c.expect(&format!("+OK SUB n.{last} pending"));
+    }
+    let mut eleventh = client_from(&d, 12);
+    eleventh.cmd("SUB n.12 net@example.org");
+    let text = eleventh.expect_err("LIMIT");
+    assert!(text.contains("network") && text.contains("try again in"), "{text}");
+    d.wait_log(|l| l.contains("127.0.0.2:") && l.contains("sub_rate reached"), WAIT);
+}

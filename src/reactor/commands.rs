@@ -136,7 +136,16 @@ impl Reactor {
         }
         let rate = self.cfg.sub_rate;
         match self.clients.sweep.take_sub(c.peer.ip(), rate) {
-            Ok(()) => true,
+            Ok(false) => true,
+            Ok(true) => {
+                log::warn!(
+                    "{}: sub_rate reached ({rate} SUB and UNSUB a minute per address, {} per network); \
+                     refusing more for the rest of the minute",
+                    c.peer,
+                    u64::from(rate) * 10
+                );
+                true
+            }
             Err(wait) => {
                 let text = format!(
                     "at most {rate} SUB and UNSUB a minute from your address and {} from your network; \

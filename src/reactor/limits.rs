@@ -191,8 +191,10 @@ impl Sweep {
 
     /// Counts one stored-subscription command of an untrusted client at `ip`, unless its
     /// address has made `rate` in its minute or its network ten times that; then `Err`
-    /// with the seconds until it may try again, and nothing is counted.
-    pub(super) fn take_sub(&mut self, ip: IpAddr, rate: u32) -> Result<(), u32> {
+    /// with the seconds until it may try again, and nothing is counted. `Ok(true)`: this
+    /// one reached a limit, which the caller logs (so once per address or network and
+    /// window).
+    pub(super) fn take_sub(&mut self, ip: IpAddr, rate: u32) -> Result<bool, u32> {
         let (addr, net) = (addr_key(ip), net_key(ip));
         let now = self.tick;
         let net_rate = rate.saturating_mul(10);
@@ -204,9 +206,9 @@ impl Sweep {
                 .max(wait(net_over, self.subs_by_net.left(&net, now)));
             return Err(wait.max(1));
         }
-        self.subs_by_addr.hit(addr, now);
-        self.subs_by_net.hit(net, now);
-        Ok(())
+        let by_addr = self.subs_by_addr.hit(addr, now);
+        let by_net = self.subs_by_net.hit(net, now);
+        Ok(by_addr == rate || by_net == net_rate)
     }
 
     /// Sets the coarse clock; once per loop turn, right after the poll.
@@ -385,6 +387,29 @@ mod tests {
         assert_eq!(w.map.capacity(), 0, "an emptied map gives its memory back");
         // A pruned key starts afresh.
         assert_eq!(w.hit(5, 200), 1);
+    }
+
+    #[test]
+    fn sub_rate_counts_per_address_and_ten_times_per_network() {
+        let mut s = Sweep::new();
+        let ip = |last: u8| IpAddr::from([192, 0, 2, last]);
+        s.tick = 100;
+        assert_eq!(s.take_sub(ip(1), 2), Ok(false));
+        assert_eq!(s.take_sub(ip(1), 2), Ok(true), "the second reaches the limit");
+        assert_eq!(s.take_sub(ip(1), 2), Err(60));
+        s.tick = 130;
+        assert_eq!(s.take_sub(ip(1), 2), Err(30), "refusals are not counted and say when");
+        // Other addresses of the /24 share the network's 20.
+        let mut taken = 2;
+        for last in 2..=20 {
+            while s.take_sub(ip(last), 2).is_ok() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 20);
+        assert_eq!(s.take_sub(IpAddr::from([192, 0, 3, 1]), 2), Ok(false), "another /24");
+        s.tick = 160;
+        assert_eq!(s.take_sub(ip(1), 2), Ok(false), "a new minute");
     }
 
     #[test]
