@@ -169,6 +169,9 @@ pub struct Config {
     /// The port the listener got (not a key of the file; 0 until bound): what emails
     /// name when `port` is 0.
     pub bound_port: u16,
+    /// `sub_rate`: SUB and UNSUB per minute from one untrusted client address (IPv6
+    /// /64); ten times that per network (IPv4 /24, IPv6 /48).
+    pub sub_rate: u32,
 }
 
 impl Default for Config {
@@ -227,6 +230,7 @@ impl Default for Config {
             consent: ConsentLimits::default(),
             public_url: String::new(),
             bound_port: 0,
+            sub_rate: 60,
         }
     }
 }
@@ -429,6 +433,7 @@ impl Config {
             }
             "max_unconfirmed" => self.consent.max_unconfirmed = int(key, v, 0, 1 << 40)? as u64,
             "public_url" => self.public_url = public_url(key, &string(key, v)?)?,
+            "sub_rate" => self.sub_rate = int(key, v, 1, 100_000_000)? as u32,
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -565,6 +570,7 @@ const KEYS: &[&str] = &[
     "max_unconfirmed_per_email",
     "max_unconfirmed",
     "public_url",
+    "sub_rate",
 ];
 
 fn unknown_key(key: &str) -> String {
@@ -1152,6 +1158,9 @@ log_level = "debug"
         assert!(error("max_clients_per_net = 0").contains("\"max_clients_per_net\" must be from 1"));
         assert!(error("max_pending_total = 100").contains("\"max_pending_total\" must be from 1024"));
         assert!(error("auth_fail_limit = 0").contains("\"auth_fail_limit\" must be from 1"));
+        assert_eq!(d.sub_rate, 60);
+        assert_eq!(parse("sub_rate = 5\n").unwrap().sub_rate, 5);
+        assert!(error("sub_rate = 0").contains("\"sub_rate\" must be from 1"));
     }
 
     #[test]

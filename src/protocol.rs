@@ -62,12 +62,14 @@ pub enum Command<'a> {
         /// Replay what is kept after this id (see *Replay* in notifd-protocol(7)).
         since: Option<u64>,
     },
-    /// `UNSUB <event> <email>`.
+    /// `UNSUB <event> <email> [<code>]`.
     Unsub {
         /// The event name.
         event: &'a str,
         /// The address, its domain lowercased.
         email: Cow<'a, str>,
+        /// The pair's UNSUB code from a notification email, as typed.
+        code: Option<&'a str>,
     },
     /// `PUB <event> <text>`.
     Pub {
@@ -106,6 +108,20 @@ pub enum Command<'a> {
     Unwatch {
         /// The event name.
         event: &'a str,
+    },
+    /// `CONFIRM <email> <code>`.
+    Confirm {
+        /// The address, its domain lowercased.
+        email: Cow<'a, str>,
+        /// The code from the confirmation email, as typed.
+        code: &'a str,
+    },
+    /// `OPTOUT <email> <code>`.
+    OptOut {
+        /// The address, its domain lowercased.
+        email: Cow<'a, str>,
+        /// The opt-out code from the confirmation email, as typed.
+        code: &'a str,
     },
 }
 
@@ -207,11 +223,34 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Command<'_>>, ProtoError> {
         let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
         Command::Sub { event, email, since }
     } else if verb.eq_ignore_ascii_case("UNSUB") {
-        let [event, email] = args::<2>(rest)
-            .ok_or_else(|| ProtoError::new(Code::Syntax, "UNSUB takes an event and an email"))?;
+        let usage =
+            || ProtoError::new(Code::Syntax, "UNSUB takes an event and an email, then a code if wanted");
+        let (event, email, code) = match (args::<2>(rest), args::<3>(rest)) {
+            (Some([event, email]), _) => (event, email, None),
+            (None, Some([event, email, code])) => (event, email, Some(code)),
+            _ => return Err(usage()),
+        };
         let event = valid_event(event)?;
         let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
-        Command::Unsub { event, email }
+        Command::Unsub { event, email, code }
+    } else if verb.eq_ignore_ascii_case("CONFIRM") || verb.eq_ignore_ascii_case("OPTOUT") {
+        let confirm = verb.eq_ignore_ascii_case("CONFIRM");
+        let [email, code] = args::<2>(rest).ok_or_else(|| {
+            ProtoError::new(
+                Code::Syntax,
+                if confirm {
+                    "CONFIRM takes an email and a code"
+                } else {
+                    "OPTOUT takes an email and a code"
+                },
+            )
+        })?;
+        let email = valid_email(email.as_bytes()).ok_or_else(bad_email)?;
+        if confirm {
+            Command::Confirm { email, code }
+        } else {
+            Command::OptOut { email, code }
+        }
     } else if verb.eq_ignore_ascii_case("WATCH") {
         let (event, rest) = word(rest);
         if event.is_empty() {
@@ -370,7 +409,7 @@ pub fn greeting(out: &mut Vec<u8>, max_line: usize) {
     out.extend_from_slice(b" max_line=");
     push_u64(out, max_line as u64);
     // Only what this build has; a later ability adds a word.
-    out.extend_from_slice(b" abilities=watch,since\r\n");
+    out.extend_from_slice(b" abilities=watch,since,confirm,stats\r\n");
 }
 
 /// `-ERR <CODE> <text>`.
@@ -434,14 +473,18 @@ pub fn gap(out: &mut Vec<u8>, event: &str, from: u64, to: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// `SUB <event> <email> <timestamp>`, a LIST data line.
-pub fn list_line(out: &mut Vec<u8>, event: &str, email: &str, created_at: i64) {
+/// `SUB <event> <email> <timestamp>`, a LIST data line; ` pending` after it for a pair
+/// not yet confirmed.
+pub fn list_line(out: &mut Vec<u8>, event: &str, email: &str, created_at: i64, pending: bool) {
     out.extend_from_slice(b"SUB ");
     out.extend_from_slice(event.as_bytes());
     out.push(b' ');
     out.extend_from_slice(email.as_bytes());
     out.push(b' ');
     out.extend_from_slice(rfc3339(created_at).as_bytes());
+    if pending {
+        out.extend_from_slice(b" pending");
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -640,6 +683,26 @@ mod tests {
     }
 
     #[test]
+    fn consent_commands_take_an_email_and_a_code() {
+        let want = Command::Confirm { email: "Ana@example.com".into(), code: "7kq2-m4xh-9tzb" };
+        assert_eq!(parse("confirm Ana@EXAMPLE.com 7kq2-m4xh-9tzb").unwrap(), Some(want));
+        let want = Command::OptOut { email: "a@b".into(), code: "X" };
+        assert_eq!(parse("OPTOUT a@b X").unwrap(), Some(want));
+        let want = Command::Unsub { event: "e", email: "a@b".into(), code: Some("7KQ2M4XH9TZB") };
+        assert_eq!(parse("UNSUB e a@b 7KQ2M4XH9TZB").unwrap(), Some(want));
+        assert_eq!(
+            parse("UNSUB e a@b").unwrap(),
+            Some(Command::Unsub { event: "e", email: "a@b".into(), code: None })
+        );
+        for bad in ["CONFIRM", "CONFIRM a@b", "CONFIRM a@b c d", "OPTOUT a@b", "OPTOUT", "UNSUB e a@b c d"] {
+            assert_eq!(code(bad), Code::Syntax, "{bad}");
+        }
+        assert_eq!(code("CONFIRM nobody 7KQ2M4XH9TZB"), Code::Email);
+        assert_eq!(code("OPTOUT a@-b x"), Code::Email);
+        assert_eq!(code("UNSUB bad/e a@b 7KQ2M4XH9TZB"), Code::Event);
+    }
+
+    #[test]
     fn replies() {
         let mut out = Vec::new();
         err(&mut out, Code::TooLong, "line too long");
@@ -649,16 +712,18 @@ mod tests {
         pong(&mut out, None);
         pong(&mut out, Some("x y"));
         msg(&mut out, "e", 17, "Order 1042");
-        list_line(&mut out, "e", "a@b", 1_795_824_309);
+        list_line(&mut out, "e", "a@b", 1_795_824_309, false);
+        list_line(&mut out, "f", "a@b", 1_795_824_309, true);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "-ERR TOO_LONG line too long\r\n+OK SUB e\r\n+OK QUIT\r\n+OK PUB 17 1\r\nPONG\r\nPONG x y\r\n\
-             MSG e 17 Order 1042\r\nSUB e a@b 2026-11-28T00:05:09Z\r\n"
+             MSG e 17 Order 1042\r\nSUB e a@b 2026-11-28T00:05:09Z\r\n\
+             SUB f a@b 2026-11-28T00:05:09Z pending\r\n"
         );
         let mut g = Vec::new();
         greeting(&mut g, 4096);
         assert!(g.starts_with(b"HELLO notifd 1 version="));
-        assert!(g.ends_with(b" max_line=4096 abilities=watch,since\r\n"));
+        assert!(g.ends_with(b" max_line=4096 abilities=watch,since,confirm,stats\r\n"));
         let mut out = Vec::new();
         gap(&mut out, "e", 1, 500);
         assert_eq!(out, b"GAP e 1 500\r\n");

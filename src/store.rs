@@ -699,8 +699,7 @@ impl Store {
         };
         Ok(StoreStats {
             stored_subscriptions: count("SELECT count(*) FROM subscriptions")?,
-            // Every stored subscription is confirmed until pending ones exist (consent).
-            pending_subscriptions: 0,
+            pending_subscriptions: count("SELECT count(*) FROM subscriptions WHERE confirmed_at IS NULL")?,
             outbox_pending: count("SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending')")?,
             emails_sent_total: meta(EMAILS_SENT)?,
             emails_failed_total: meta(EMAILS_FAILED)?,
@@ -1223,6 +1222,19 @@ mod tests {
         // Cleanup forgets the rows, not the counts.
         s.cleanup(10_000_000).unwrap();
         assert_eq!(stats(&mut s), want);
+        // An untrusted SUB stores a pending pair, counted as such.
+        let now = 10_000_000;
+        let sub = |req, email: &str| ToStore::Subscribe {
+            req,
+            email: email.into(),
+            event: "e".into(),
+            now,
+            trusted: false,
+            client: "192.0.2.1".into(),
+        };
+        answers(&mut s, vec![sub(6, "d@x"), sub(7, "a@x")]);
+        let got = stats(&mut s);
+        assert_eq!((got.stored_subscriptions, got.pending_subscriptions), (4, 1), "{got:?}");
     }
 
     /// The schema of notifd before consent (version 1), as its store.rs created it: a

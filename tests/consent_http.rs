@@ -454,7 +454,6 @@ fn a_store_that_does_not_answer_gets_503() {
 /// consent commands (the untrusted SUB that stores a pending pair and queues its
 /// confirmation email), which another branch brings.
 #[test]
-#[ignore = "needs the consent commands"]
 fn untrusted_sub_confirmation_email_confirm_page_then_one_click() {
     let server = SmtpServer::start(Options::default());
     let (d, http) = start(&server, &format!("publish_token = \"{TOKEN}\"\n"));

@@ -87,7 +87,8 @@ fn unknown_verbs_and_wrong_argument_counts() {
         "SUB e a@b extra",
         "UNSUB",
         "UNSUB e",
-        "UNSUB e a@b c@d",
+        // A third word is an UNSUB code (notifd-protocol(7), UNSUB); a fourth is one too many.
+        "UNSUB e a@b c d",
         "PUB",
         "PUB e",
         "PUB e   ",
@@ -548,8 +549,9 @@ fn max_subs_per_conn() {
 fn auth_with_publish_token() {
     let d = Daemon::start("publish_token = \"s3cret-token\"");
     let mut s = d.client();
+    // Untrusted: the subscription is stored pending (notifd-protocol(7), *Trust*).
     s.cmd("SUB ev a@b");
-    s.expect("+OK SUB ev");
+    s.expect("+OK SUB ev pending");
     let mut c = d.client();
     // Loopback is not enough once a token is set.
     c.cmd("PUB ev nope");
@@ -566,11 +568,12 @@ fn auth_with_publish_token() {
     assert_eq!(n, 1);
     s.expect(&format!("MSG ev {id} yes"));
     c.cmd("LIST a@b");
-    assert!(c.line().starts_with("SUB ev a@b "));
+    let l = c.line();
+    assert!(l.starts_with("SUB ev a@b ") && l.ends_with(" pending"), "{l}");
     c.expect("+OK LIST 1");
-    // SUB, UNSUB and PING need no AUTH.
+    // SUB, UNSUB and PING need no AUTH; an untrusted UNSUB says so.
     s.cmd("UNSUB ev a@b");
-    s.expect("+OK UNSUB ev");
+    s.expect("+OK UNSUB ev live");
     assert!(s.sync().is_empty(), "the refused PUBs must not have been delivered");
 }
 
@@ -641,9 +644,9 @@ fn without_token_only_loopback_may_publish_or_list() {
     c.expect_err("AUTH");
     c.cmd("AUTH x");
     c.expect_err("AUTH");
-    // SUB is for everyone.
+    // SUB is for everyone; untrusted, it is stored pending.
     c.cmd("SUB ev a@b");
-    c.expect("+OK SUB ev");
+    c.expect("+OK SUB ev pending");
     let mut l = d.client();
     let (id, n) = publish(&mut l, "ev", "from loopback");
     assert_eq!(n, 1);

@@ -80,7 +80,7 @@ fn watch_shares_delivery_with_sub_and_counts_toward_the_limit() {
     let d = Daemon::start("max_subs_per_conn = 2");
     let mut p = d.client();
     let mut c = d.client();
-    assert!(c.greeting.split(' ').any(|w| w == "abilities=watch,since"), "{}", c.greeting);
+    assert!(c.greeting.split(' ').any(|w| w == "abilities=watch,since,confirm,stats"), "{}", c.greeting);
     c.cmd("WATCH e");
     c.expect("+OK WATCH e");
     c.cmd("WATCH e");

@@ -47,8 +47,13 @@ commands:
                        subscribe EMAIL to each EVENT and print notifications as they arrive
   watch [STREAM-OPTIONS] EVENT...
                        print notifications of each EVENT as they arrive (nothing stored)
+  unsub EVENT EMAIL [CODE]
+                       unsubscribe EMAIL from EVENT (CODE: the one in its emails)
+  confirm EMAIL CODE   confirm EMAIL's pending subscriptions with the code emailed to it,
+                       and print how many were confirmed
   pub EVENT TEXT...    publish TEXT to EVENT and print the notification id
   list EMAIL           print the events EMAIL is subscribed to, with the time of subscription
+                       (and \"pending\" while not confirmed)
   ping [TEXT...]       check that the server answers
   stats                print the server's counters, one \"NAME VALUE\" a line
 stream options (sub, watch; after a drop both resume from the last id printed):
@@ -191,6 +196,8 @@ fn parse_args(
         "watch" => !args.is_empty(),
         "pub" => args.len() >= 2,
         "list" => args.len() == 1,
+        "unsub" => args.len() == 2 || args.len() == 3,
+        "confirm" => args.len() == 2,
         "ping" => true,
         "stats" => args.is_empty(),
         _ => return Err(format!("unknown command {name:?}")),
@@ -266,12 +273,33 @@ fn try_main(opts: &Options) -> Result<(), Failure> {
                 if is_err(&line) {
                     return Err(Failure::Server(line));
                 }
-                // SUB <event> <email> <timestamp>
+                // SUB <event> <email> <timestamp> [pending]
                 let f: Vec<&str> = line.split_whitespace().collect();
                 if f.len() == 4 && f[0] == "SUB" {
                     print_line(&format!("{} {}", f[1], f[3]))?;
+                } else if f.len() == 5 && f[0] == "SUB" && f[4] == "pending" {
+                    print_line(&format!("{} {} pending", f[1], f[3]))?;
                 }
             }
+            conn.quit();
+            Ok(())
+        }
+        "unsub" => {
+            let mut conn = Connection::open(opts, tls)?;
+            conn.send(&format!("UNSUB {}", opts.args.join(" ")))?;
+            if conn.reply()?.ends_with(" live") {
+                // An untrusted connection cannot stop a confirmed subscription without its code.
+                eprintln!("notif: a confirmed subscription stays: give the code from one of its emails, or -a TOKEN");
+            }
+            conn.quit();
+            Ok(())
+        }
+        "confirm" => {
+            let mut conn = Connection::open(opts, tls)?;
+            conn.send(&format!("CONFIRM {} {}", opts.args[0], opts.args[1]))?;
+            // +OK CONFIRM <n>
+            let reply = conn.reply()?;
+            print_line(reply.split_whitespace().nth(2).unwrap_or(""))?;
             conn.quit();
             Ok(())
         }
@@ -860,10 +888,17 @@ fn subscribe(conn: &mut Connection, stream: &mut Follow, first: bool) -> Result<
     let batch: String = stream.events.iter().map(|ev| stream.command(ev, can_replay)).collect();
     conn.write(batch.as_bytes())?;
     let mut acked = 0;
+    let mut told = !first;
     while acked < stream.events.len() {
         let line = conn.line()?;
         if is_ok(&line) {
             acked += 1;
+            if !told && line.ends_with(" pending") {
+                told = true;
+                if let Some(email) = &stream.email {
+                    eprintln!("pending: check {email} for a confirmation message");
+                }
+            }
         } else if line.starts_with("-ERR UNAVAILABLE") && !first {
             // The live subscription stays; the stored one is already there from before.
             eprintln!("notif: {line}");
@@ -1076,6 +1111,9 @@ mod tests {
             (&["-"], "unknown command \"-\""),
             (&["list"], "wrong number of arguments for list"),
             (&["stats", "x"], "wrong number of arguments for stats"),
+            (&["unsub", "ev"], "wrong number of arguments for unsub"),
+            (&["unsub", "ev", "a@b", "code", "x"], "wrong number of arguments for unsub"),
+            (&["confirm", "a@b"], "wrong number of arguments for confirm"),
             (&["pub", "ev", "a\r\nPUB x y"], "arguments must not contain line breaks"),
             (&["-a", "two words", "ping"], "the token must be one word"),
             (&["-H", "", "ping"], "empty host"),

@@ -112,9 +112,9 @@ impl Clients {
     }
 
     /// Takes a closing connection's pairs out of the indexes.
-    pub(super) fn forget_pairs(&mut self, key: usize, subs: &Subs) {
+    pub(super) fn forget_pairs(&mut self, key: usize, subs: &Subs, trusted: bool) {
         if let Some(live) = &mut self.live {
-            live.remove_all(subs);
+            live.remove_all(subs, trusted);
         }
         let events: HashSet<&Rc<str>> = subs.iter().map(|(e, _)| e).collect();
         for e in events {
@@ -131,12 +131,15 @@ impl Clients {
             let Some(c) = self.conns.get_mut(key) else { continue };
             if c.subs.len() > 0 {
                 let subs = std::mem::take(&mut c.subs);
-                self.forget_pairs(key, &subs);
+                let trusted = c.live_trusted;
+                self.forget_pairs(key, &subs, trusted);
             }
         }
         self.closing = closing;
         let conns = &self.conns;
-        let live = self.live.get_or_insert_with(|| LiveAddrs::of(conns.iter().map(|(_, c)| &c.subs)));
+        let live = self
+            .live
+            .get_or_insert_with(|| LiveAddrs::of(conns.iter().map(|(_, c)| (&c.subs, c.live_trusted))));
         live.addresses(event).map(str::to_string).collect()
     }
 
@@ -512,7 +515,7 @@ impl Reactor {
             }
             let mut c = self.clients.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.sock);
-            self.clients.forget_pairs(key, &c.subs);
+            self.clients.forget_pairs(key, &c.subs, c.live_trusted);
             self.clients.pending_total -= c.counted;
             if c.lingering {
                 self.clients.sweep.lingering -= 1;

@@ -65,6 +65,9 @@ pub struct Conn {
     pub auth_failures: u8,
     /// From a loopback address: may PUB and LIST without a token.
     pub loopback: bool,
+    /// The trust its live pairs are counted under in the offline policy's index
+    /// (`subs::LiveAddrs`); moved when the connection's trust changes.
+    pub live_trusted: bool,
     /// On the reactor's list of connections to write at the end of the turn.
     pub dirty: bool,
     /// Reading stopped (max_inflight, store backlog, no ids); waiting to be resumed.
@@ -113,6 +116,7 @@ impl Conn {
             auth_gen: 0,
             auth_failures: 0,
             loopback,
+            live_trusted: false,
             dirty: false,
             paused: false,
             eof: false,

@@ -26,6 +26,10 @@ const DROP_LINGER: u32 = 10;
 /// Failed AUTHs are counted in windows this long, in seconds (PROTOCOL.md: per minute).
 pub const AUTH_WINDOW: u32 = 60;
 
+/// SUB and UNSUB of untrusted connections are counted in windows this long, in seconds
+/// (`sub_rate` is per minute).
+pub const SUB_WINDOW: u32 = 60;
+
 /// One client address as the per-address limits count it: an IPv4 address, or the /64
 /// of an IPv6 one (one host usually holds a whole /64). IPv4-mapped IPv6 is IPv4.
 #[derive(Debug, Hash, PartialEq, Eq, Clone, Copy)]
@@ -149,6 +153,13 @@ pub(super) struct Sweep {
     prune_at: u32,
     /// Failed AUTHs per address.
     pub(super) auth_fails: Windows<AddrKey>,
+    /// Wrong CONFIRM, OPTOUT and UNSUB codes per address: a counter apart from AUTH's,
+    /// with the same limit.
+    pub(super) code_fails: Windows<AddrKey>,
+    /// SUB and UNSUB of untrusted connections per address (`sub_rate`).
+    pub(super) subs_by_addr: Windows<AddrKey>,
+    /// The same per network (ten times `sub_rate`).
+    pub(super) subs_by_net: Windows<NetKey>,
     /// Connections dropped with `-ERR BUSY` and not yet closed.
     pub(super) lingering: usize,
 }
@@ -163,8 +174,41 @@ impl Sweep {
             cursor: 0,
             prune_at: AUTH_WINDOW,
             auth_fails: Windows::new(AUTH_WINDOW),
+            code_fails: Windows::new(AUTH_WINDOW),
+            subs_by_addr: Windows::new(SUB_WINDOW),
+            subs_by_net: Windows::new(SUB_WINDOW),
             lingering: 0,
         }
+    }
+
+    /// Nothing counted in any window.
+    fn counts_nothing(&self) -> bool {
+        self.auth_fails.is_empty()
+            && self.code_fails.is_empty()
+            && self.subs_by_addr.is_empty()
+            && self.subs_by_net.is_empty()
+    }
+
+    /// Counts one stored-subscription command of an untrusted client at `ip`, unless its
+    /// address has made `rate` in its minute or its network ten times that; then `Err`
+    /// with the seconds until it may try again, and nothing is counted. `Ok(true)`: this
+    /// one reached a limit, which the caller logs (so once per address or network and
+    /// window).
+    pub(super) fn take_sub(&mut self, ip: IpAddr, rate: u32) -> Result<bool, u32> {
+        let (addr, net) = (addr_key(ip), net_key(ip));
+        let now = self.tick;
+        let net_rate = rate.saturating_mul(10);
+        let addr_over = self.subs_by_addr.over(&addr, now, rate);
+        let net_over = self.subs_by_net.over(&net, now, net_rate);
+        if addr_over || net_over {
+            let wait = |over: bool, left: u32| if over { left } else { 0 };
+            let wait = wait(addr_over, self.subs_by_addr.left(&addr, now))
+                .max(wait(net_over, self.subs_by_net.left(&net, now)));
+            return Err(wait.max(1));
+        }
+        let by_addr = self.subs_by_addr.hit(addr, now);
+        let by_net = self.subs_by_net.hit(net, now);
+        Ok(by_addr == rate || by_net == net_rate)
     }
 
     /// Sets the coarse clock; once per loop turn, right after the poll.
@@ -178,11 +222,11 @@ impl Reactor {
     pub(super) fn sweep_due(&self) -> Option<Instant> {
         let s = &self.clients.sweep;
         let idle = self.cfg.idle_timeout > 0 && !self.clients.conns.is_empty();
-        (idle || s.lingering > 0 || !s.auth_fails.is_empty()).then_some(s.due)
+        (idle || s.lingering > 0 || !s.counts_nothing()).then_some(s.due)
     }
 
     /// Closes idle connections and lingering dropped ones, a batch of keys per turn, a
-    /// full pass about once a second; prunes the failed-AUTH windows once a minute.
+    /// full pass about once a second; prunes the counting windows once a minute.
     pub(super) fn sweep(&mut self, now: Instant) {
         match self.sweep_due() {
             Some(due) if now >= due => {}
@@ -190,7 +234,11 @@ impl Reactor {
         }
         let tick = self.clients.sweep.tick;
         if tick >= self.clients.sweep.prune_at {
-            self.clients.sweep.auth_fails.prune(tick);
+            let s = &mut self.clients.sweep;
+            s.auth_fails.prune(tick);
+            s.code_fails.prune(tick);
+            s.subs_by_addr.prune(tick);
+            s.subs_by_net.prune(tick);
             self.clients.sweep.prune_at = tick + AUTH_WINDOW;
         }
         let idle = self.cfg.idle_timeout;
@@ -257,7 +305,8 @@ impl Reactor {
         // Out of the indexes at once: no MSG reaches it, and under the offline mail
         // policy its addresses stop counting as live (they get their email).
         let subs = std::mem::take(&mut c.subs);
-        self.clients.forget_pairs(key, &subs);
+        let trusted = c.live_trusted;
+        self.clients.forget_pairs(key, &subs, trusted);
         self.clients.sweep.lingering += 1;
         self.clients.recount(key);
         if dead {
@@ -338,6 +387,29 @@ mod tests {
         assert_eq!(w.map.capacity(), 0, "an emptied map gives its memory back");
         // A pruned key starts afresh.
         assert_eq!(w.hit(5, 200), 1);
+    }
+
+    #[test]
+    fn sub_rate_counts_per_address_and_ten_times_per_network() {
+        let mut s = Sweep::new();
+        let ip = |last: u8| IpAddr::from([192, 0, 2, last]);
+        s.tick = 100;
+        assert_eq!(s.take_sub(ip(1), 2), Ok(false));
+        assert_eq!(s.take_sub(ip(1), 2), Ok(true), "the second reaches the limit");
+        assert_eq!(s.take_sub(ip(1), 2), Err(60));
+        s.tick = 130;
+        assert_eq!(s.take_sub(ip(1), 2), Err(30), "refusals are not counted and say when");
+        // Other addresses of the /24 share the network's 20.
+        let mut taken = 2;
+        for last in 2..=20 {
+            while s.take_sub(ip(last), 2).is_ok() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 20);
+        assert_eq!(s.take_sub(IpAddr::from([192, 0, 3, 1]), 2), Ok(false), "another /24");
+        s.tick = 160;
+        assert_eq!(s.take_sub(ip(1), 2), Ok(false), "a new minute");
     }
 
     #[test]

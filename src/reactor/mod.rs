@@ -160,6 +160,9 @@ pub struct Reactor {
     /// The `publish_token` generation: a reload that changes the token bumps it, so
     /// connections that authenticated with the old one must AUTH again.
     token_gen: u64,
+    /// The `token_gen` the offline policy's live addresses were counted under; another
+    /// one has them counted afresh, since a new token changes who is trusted.
+    live_gen: u64,
     /// Stopping gracefully since then.
     stopping: Option<Instant>,
     /// Why the daemon cannot go on (a child speaks another record version); `run`
@@ -217,6 +220,7 @@ impl Reactor {
             resume_child: Vec::new(),
             fan: Vec::with_capacity(64 * 1024),
             token_gen: 1,
+            live_gen: 1,
             stopping: None,
             fatal: None,
             http: HttpSide::none(),

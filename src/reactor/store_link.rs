@@ -5,7 +5,7 @@ use super::child_link::Child;
 use super::conn::State;
 use super::supervise::{ChildId, Fault};
 use super::{Reactor, Source};
-use crate::ipc::{FromStore, MailPlan, StoreSettings, StoreStats, ToStore};
+use crate::ipc::{FromStore, ListRow, MailPlan, Refusal, StoreSettings, StoreStats, ToStore};
 use crate::protocol::{self, Code};
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -190,7 +190,12 @@ impl Reactor {
             FromStore::Hello { version } => return self.hello(ChildId::Store, version),
             FromStore::Done { req } => self.store_done(req),
             FromStore::Failed { req, reason } => self.store_failed(req, &reason),
-            FromStore::ListChunk { req, rows, last } => self.list_chunk(req, rows, last),
+            FromStore::ListChunk { req, rows, last } => {
+                let rows =
+                    rows.into_iter().map(|(event, created_at)| ListRow { event, created_at, pending: false });
+                self.list_chunk(req, rows.collect(), last)
+            }
+            FromStore::Pairs { req, rows, last } => self.list_chunk(req, rows, last),
             FromStore::Ids { req, start, end } => {
                 self.store.pending.remove(&req);
                 self.store.ids.got(start..end);
@@ -201,14 +206,8 @@ impl Reactor {
             }
             FromStore::Stats { req, stats } => self.stats_answer(req, &stats),
             FromStore::LinkPage { req, page } => self.http_link_answer(req, page),
-            // Answers to consent requests, which this reactor does not send yet.
-            FromStore::Refused { req, .. }
-            | FromStore::Confirmed { req, .. }
-            | FromStore::Pairs { req, .. } => {
-                if let Some(r) = self.store.pending.remove(&req) {
-                    self.fail_reply(&r.target, "unexpected answer from the store");
-                }
-            }
+            FromStore::Refused { req, why } => self.store_refused(req, why),
+            FromStore::Confirmed { req, count } => self.store_confirmed(req, count),
             FromStore::Replayed { req, rows, deleted, more } => self.replay_part(req, rows, deleted, more),
         }
         Ok(())
@@ -237,15 +236,29 @@ impl Reactor {
             // A store that answers a replay part with Done is broken.
             Target::Replay { .. } => self.fail_reply(&r.target, "unexpected answer from the store"),
             Target::Reply { n, .. } => {
-                if let ToStore::Publish { mail, .. } = &r.record {
-                    if *mail != MailPlan::Nobody {
-                        self.mail.wanted = true;
-                    }
+                match &r.record {
+                    ToStore::Publish { mail, .. } if *mail != MailPlan::Nobody => self.mail.wanted = true,
+                    // Its confirmation email may be in the outbox now.
+                    ToStore::Subscribe { trusted: false, .. } => self.mail.wanted = true,
+                    _ => {}
                 }
                 let Some((key, seq)) = self.reply_slot(&r.target) else { return };
+                if let ToStore::Unsubscribe { event, email, code: Some(_), .. } = &r.record {
+                    // The code was right: the live part ends too.
+                    self.drop_live(key, event, email);
+                }
                 self.fill_slot(key, seq, |out| match &r.record {
+                    // The same reply whatever was stored, so it tells nobody the state
+                    // of an address (notifd-protocol(7), *Consent*).
+                    ToStore::Subscribe { event, trusted: false, .. } => {
+                        protocol::ok(out, "SUB", &format!("{event} pending"))
+                    }
                     ToStore::Subscribe { event, .. } => protocol::ok(out, "SUB", event),
+                    ToStore::Unsubscribe { event, trusted: false, code: None, .. } => {
+                        protocol::ok(out, "UNSUB", &format!("{event} live"))
+                    }
                     ToStore::Unsubscribe { event, .. } => protocol::ok(out, "UNSUB", event),
+                    ToStore::OptOut { .. } => protocol::ok(out, "OPTOUT", ""),
                     ToStore::Publish { id, .. } => protocol::ok_pub(out, *id, n),
                     // A store that answers these with Done is broken; the client is told.
                     ToStore::List { .. }
@@ -258,7 +271,6 @@ impl Reactor {
                     | ToStore::Logging(_)
                     | ToStore::ListPairs { .. }
                     | ToStore::Confirm { .. }
-                    | ToStore::OptOut { .. }
                     | ToStore::OpenLink { .. }
                     | ToStore::Replay { .. } => {
                         protocol::err(out, Code::Unavailable, "unexpected answer from the store")
@@ -303,9 +315,48 @@ impl Reactor {
         }
     }
 
-    pub(super) fn list_chunk(&mut self, req: u64, rows: Vec<(String, i64)>, last: bool) {
+    /// A consent request refused: a wrong code (counted against the client's address)
+    /// or a limit. A SUB refused for `max_unconfirmed` loses its live part.
+    fn store_refused(&mut self, req: u64, why: Refusal) {
+        let Some(r) = self.store.pending.remove(&req) else { return };
+        if !matches!(r.target, Target::Reply { .. }) {
+            return self.fail_reply(&r.target, "unexpected answer from the store");
+        }
+        if let (Refusal::Auth, Target::Reply { key, conn_id, .. }) = (&why, &r.target) {
+            // Counted even when the connection is closing, while its address is known.
+            if let Some(c) = self.clients.conns.get(*key).filter(|c| c.id == *conn_id) {
+                let peer = c.peer;
+                self.code_failed(peer);
+            }
+        }
+        let Some((key, seq)) = self.reply_slot(&r.target) else { return };
+        match why {
+            Refusal::Auth => {
+                self.fill_slot(key, seq, |out| protocol::err(out, Code::Auth, super::commands::WRONG_CODE))
+            }
+            Refusal::Limit(text) => {
+                if let ToStore::Subscribe { event, email, .. } = &r.record {
+                    self.drop_live(key, event, email);
+                }
+                self.fill_slot(key, seq, |out| protocol::err(out, Code::Limit, &text));
+            }
+        }
+    }
+
+    /// CONFIRM's answer.
+    fn store_confirmed(&mut self, req: u64, count: u32) {
+        let Some(r) = self.store.pending.remove(&req) else { return };
+        if !matches!(r.target, Target::Reply { .. }) {
+            return self.fail_reply(&r.target, "unexpected answer from the store");
+        }
+        let Some((key, seq)) = self.reply_slot(&r.target) else { return };
+        self.fill_slot(key, seq, |out| protocol::ok(out, "CONFIRM", &count.to_string()));
+    }
+
+    /// A part of a LIST answer (`Pairs`, or the older `ListChunk` without states).
+    pub(super) fn list_chunk(&mut self, req: u64, rows: Vec<ListRow>, last: bool) {
         let Some(r) = self.store.pending.get_mut(&req) else { return };
-        let ToStore::List { email, .. } = &r.record else { return };
+        let (ToStore::List { email, .. } | ToStore::ListPairs { email, .. }) = &r.record else { return };
         let email = email.clone();
         let count = match &mut r.target {
             Target::Reply { listed, .. } => {
@@ -321,8 +372,8 @@ impl Reactor {
         };
         if let Some((key, seq)) = self.reply_slot(&self.store.pending[&req].target) {
             if let Some(slot) = self.clients.conns[key].slot(seq) {
-                for (event, at) in &rows {
-                    protocol::list_line(&mut slot.data, event, &email, *at);
+                for row in &rows {
+                    protocol::list_line(&mut slot.data, &row.event, &email, row.created_at, row.pending);
                 }
             }
             if last {

@@ -148,15 +148,20 @@ impl Subs {
     }
 }
 
-/// Per event, the addresses that connections hold live, each with how many connections
-/// hold it: what `mail_policy = "offline"` leaves out of a publication's emails. A PUB
-/// reads its own event's entry, so its cost follows that event's live addresses, not
-/// every pair of every connection subscribed to it.
+/// Per event, the addresses that connections hold live, each with how many trusted and
+/// untrusted connections hold it: what `mail_policy = "offline"` leaves out of a
+/// publication's emails. Only a *trusted* holder makes an address live, so that a
+/// stranger cannot silence someone's email by subscribing their address. A PUB reads
+/// its own event's entry, so its cost follows that event's live addresses, not every
+/// pair of every connection subscribed to it.
 ///
-/// It holds exactly the pairs in the connections' [`Subs`]; a closing connection's pairs
-/// are taken out before the next PUB reads it (see `Clients::live_addresses`). The
-/// reactor keeps it only while the policy is offline: it costs a copy of each live
-/// address, which the other policies have no use for.
+/// It holds exactly the pairs in the connections' [`Subs`], each counted under the trust
+/// its connection had when the pair was counted (`Conn::live_trusted`); a connection
+/// whose trust changes (AUTH) moves its pairs from one count to the other, and a reload
+/// that changes the token has the index built afresh. A closing connection's pairs are
+/// taken out before the next PUB reads it (see `Clients::live_addresses`). The reactor
+/// keeps it only while the policy is offline: it costs a copy of each live address,
+/// which the other policies have no use for.
 #[derive(Default)]
 pub struct LiveAddrs {
     events: HashMap<Rc<str>, HashMap<Box<str>, Holders>>,
@@ -165,48 +170,59 @@ pub struct LiveAddrs {
 /// The connections that hold one (event, address) pair live.
 #[derive(Default)]
 struct Holders {
-    /// How many.
-    // Issue 10 makes the offline policy count only *trusted* connections, so that a
-    // stranger cannot silence someone's email by subscribing their address: this then
-    // splits into trusted and untrusted counts (an address is live while `trusted > 0`),
-    // and a connection whose trust changes (AUTH, a reload that rotates the token) moves
-    // its pairs from one count to the other.
-    conns: u32,
+    /// Trusted ones: the address is live while there is one.
+    trusted: u32,
+    /// Untrusted ones, which make nothing live but are kept so that a connection can
+    /// move its pairs when it AUTHs.
+    untrusted: u32,
+}
+
+impl Holders {
+    fn count(&mut self, trusted: bool) -> &mut u32 {
+        if trusted {
+            &mut self.trusted
+        } else {
+            &mut self.untrusted
+        }
+    }
 }
 
 impl LiveAddrs {
-    /// The index of these connections' pairs.
-    pub fn of<'a>(conns: impl Iterator<Item = &'a Subs>) -> LiveAddrs {
+    /// The index of these connections' pairs, each with its connection's trust.
+    pub fn of<'a>(conns: impl Iterator<Item = (&'a Subs, bool)>) -> LiveAddrs {
         let mut live = LiveAddrs::default();
-        for subs in conns {
-            live.add_all(subs);
+        for (subs, trusted) in conns {
+            live.add_all(subs, trusted);
         }
         live
     }
 
     /// One more connection holds the pair. A WATCH (kept as the pair with an empty
     /// address, see `replay::WATCH`) has no address to leave out of the email.
-    pub fn add(&mut self, event: &Rc<str>, email: &str) {
+    pub fn add(&mut self, event: &Rc<str>, email: &str, trusted: bool) {
         if email.is_empty() {
             return;
         }
         let addrs = self.events.entry(Rc::clone(event)).or_default();
         if let Some(h) = addrs.get_mut(email) {
-            h.conns += 1;
+            *h.count(trusted) += 1;
         } else {
-            addrs.insert(email.into(), Holders { conns: 1 });
+            let mut h = Holders::default();
+            *h.count(trusted) = 1;
+            addrs.insert(email.into(), h);
         }
     }
 
     /// One connection fewer holds the pair.
-    pub fn remove(&mut self, event: &str, email: &str) {
+    pub fn remove(&mut self, event: &str, email: &str, trusted: bool) {
         if email.is_empty() {
             return;
         }
         let Some(addrs) = self.events.get_mut(event) else { return };
         let Some(h) = addrs.get_mut(email) else { return };
-        h.conns -= 1;
-        if h.conns == 0 {
+        let n = h.count(trusted);
+        *n = n.saturating_sub(1);
+        if h.trusted == 0 && h.untrusted == 0 {
             addrs.remove(email);
             if addrs.is_empty() {
                 self.events.remove(event);
@@ -215,22 +231,26 @@ impl LiveAddrs {
     }
 
     /// A connection's pairs, all at once.
-    pub fn add_all(&mut self, subs: &Subs) {
+    pub fn add_all(&mut self, subs: &Subs, trusted: bool) {
         for (e, m) in subs.iter() {
-            self.add(e, m);
+            self.add(e, m, trusted);
         }
     }
 
     /// A connection's pairs leave.
-    pub fn remove_all(&mut self, subs: &Subs) {
+    pub fn remove_all(&mut self, subs: &Subs, trusted: bool) {
         for (e, m) in subs.iter() {
-            self.remove(e, m);
+            self.remove(e, m, trusted);
         }
     }
 
-    /// The addresses live on `event`, each once, in no particular order.
+    /// The addresses a trusted connection holds live on `event`, each once, in no
+    /// particular order.
     pub fn addresses(&self, event: &str) -> impl Iterator<Item = &str> {
-        self.events.get(event).into_iter().flat_map(|addrs| addrs.keys().map(|m| &**m))
+        self.events
+            .get(event)
+            .into_iter()
+            .flat_map(|addrs| addrs.iter().filter(|(_, h)| h.trusted > 0).map(|(m, _)| &**m))
     }
 }
 
@@ -342,21 +362,21 @@ mod tests {
             match rng % 7 {
                 0 if step % 50 == 0 => {
                     // The connection closes: every pair leaves at once.
-                    live.remove_all(&conns[c]);
+                    live.remove_all(&conns[c], true);
                     conns[c] = Subs::default();
                 }
                 0..=3 if !conns[c].contains(e, &m) => {
                     let ev: Rc<str> = Rc::from(e);
                     conns[c].insert(Rc::clone(&ev), m.as_str().into());
-                    live.add(&ev, &m);
+                    live.add(&ev, &m, true);
                 }
                 _ => {
                     if conns[c].remove(e, &m) {
-                        live.remove(e, &m);
+                        live.remove(e, &m, true);
                     }
                 }
             }
-            let fresh = LiveAddrs::of(conns.iter());
+            let fresh = LiveAddrs::of(conns.iter().map(|s| (s, true)));
             for e in events {
                 let want = scan(&conns, e);
                 let got: Vec<&str> = live.addresses(e).collect();
@@ -370,9 +390,31 @@ mod tests {
             }
         }
         for c in &conns {
-            live.remove_all(c);
+            live.remove_all(c, true);
         }
         assert!(live.events.is_empty(), "every pair gone, nothing left behind");
+    }
+
+    /// An address only untrusted connections hold is not live; it becomes live when a
+    /// holder's pairs move to the trusted count, and the entry goes with its last holder.
+    #[test]
+    fn only_trusted_holders_make_an_address_live() {
+        let ev: Rc<str> = Rc::from("e");
+        let mut subs = Subs::default();
+        subs.insert(Rc::clone(&ev), "a@x".into());
+        let mut live = LiveAddrs::default();
+        live.add(&ev, "a@x", false);
+        live.add(&ev, "a@x", false);
+        assert_eq!(live.addresses("e").count(), 0);
+        live.remove_all(&subs, false);
+        live.add_all(&subs, true);
+        assert_eq!(live.addresses("e").collect::<Vec<_>>(), ["a@x"]);
+        live.remove("e", "a@x", true);
+        assert_eq!(live.addresses("e").count(), 0);
+        live.remove("e", "a@x", false);
+        assert!(live.events.is_empty());
+        let both = LiveAddrs::of([(&subs, false), (&subs, true)].into_iter());
+        assert_eq!(both.addresses("e").collect::<Vec<_>>(), ["a@x"]);
     }
 
     /// The hashed form reserves room for at most twice its pairs, and gives the room
