@@ -129,8 +129,9 @@ make_cert() {
 }
 
 # start_server NAME MODE: MODE is "live" (mail_transport none), "durable" (sync full),
-# "replay" (notifd's database kept in $TMP/replay.db across starts) or "tls" (live, with
-# only a TLS port, the certificate of make_cert).
+# "untrusted" (durable, with a publish_token so the generator is untrusted), "replay"
+# (notifd's database kept in $TMP/replay.db across starts) or "tls" (live, with only a
+# TLS port, the certificate of make_cert).
 # Sets SPID and PORT. The server and every process it forks inherit the CPU pinning.
 start_server() {
 	local name=$1 mode=$2 dir=$TMP/$1 tls=$TMP/tls
@@ -157,9 +158,16 @@ start_server() {
 			echo "max_clients = $((CONNS + 2000))"
 			echo "max_clients_per_ip = $((CONNS + 2000))"
 			echo "max_clients_per_net = $((CONNS + 2000))"
-			if [ "$mode" = durable ]; then
+			if [ "$mode" = durable ] || [ "$mode" = untrusted ]; then
 				echo "sync = \"full\""
 				echo "max_subs_per_conn = 1000000"
+			fi
+			if [ "$mode" = untrusted ]; then
+				# A token makes the loopback generator an untrusted client: every SUB
+				# stores a pending pair (one address per SUB), with the limits raised.
+				echo "publish_token = \"bench-token-0123456789abcdef\""
+				echo "sub_rate = 100000000"
+				echo "max_unconfirmed = 100000000"
 			fi
 			if [ "$mode" = tls ]; then
 				echo "plain = false"
@@ -336,6 +344,14 @@ run_durable() {
 		say "notifd did not start for the durable scenario; skipping it"
 	fi
 	stop_server
+	if start_retry notifd untrusted; then
+		if r=$(gen notifd --scenario durable --kind sub --conns 100 --inflight 64 --duration "$DURATION"); then
+			record durable_sub_untrusted_100 notifd "$(field "$r" acked_per_s)" "$(field "$r" gen_cpu)"
+		fi
+	else
+		say "notifd did not start for the untrusted SUB scenario; skipping it"
+	fi
+	stop_server
 }
 
 # replay: notifd makes its database, is stopped while REPLAY_COUNT notifications are
@@ -484,6 +500,7 @@ if grep -qE '^(durable|sqlite)_' "$ROWS"; then
 		done <<-'EOF'
 			durable_sub_10|notifd SUB, 10 connections × 64 in flight, sync = full
 			durable_sub_100|notifd SUB, 100 connections × 64 in flight, sync = full
+			durable_sub_untrusted_100|notifd untrusted SUB (pending, one address each), 100 connections × 64 in flight, sync = full
 			durable_pub_10|notifd PUB, 10 connections × 64 in flight, sync = full
 			durable_pub_100|notifd PUB, 100 connections × 64 in flight, sync = full
 			sqlite_row|SQLite alone, 1 row per transaction (rows/s)

@@ -261,12 +261,18 @@ pub struct Store {
     confirmations_waiting: bool,
     /// When those were last looked for (Unix seconds).
     last_confirm_scan: i64,
+    /// The `optouts` table may have rows. While it has none (the usual case), a trusted
+    /// SUB has no opt-out to lift and spares that statement.
+    optouts_maybe: bool,
 }
 
 impl Store {
     /// Wraps a database made or upgraded by [`open`].
     pub fn new(db: Connection, settings: StoreSettings) -> Result<Store, StoreError> {
         let secret = load_secret(&db)?;
+        let optouts_maybe = db
+            .query_row("SELECT EXISTS (SELECT 1 FROM optouts)", [], |r| r.get(0))
+            .map_err(ctx("read the opt-outs"))?;
         Ok(Store {
             db,
             settings,
@@ -276,6 +282,7 @@ impl Store {
             // A store that starts does not know what its predecessor held back.
             confirmations_waiting: true,
             last_confirm_scan: i64::MIN,
+            optouts_maybe,
         })
     }
 

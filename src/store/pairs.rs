@@ -57,11 +57,13 @@ impl Store {
                 self.pending_total = None;
             }
         }
-        self.db
-            .prepare_cached("DELETE FROM optouts WHERE mailbox = ?1")
-            .map_err(ctx("lift an opt-out"))?
-            .execute(params![consent::mailbox(email)])
-            .map_err(ctx("lift an opt-out"))?;
+        if self.optouts_maybe {
+            self.db
+                .prepare_cached("DELETE FROM optouts WHERE mailbox = ?1")
+                .map_err(ctx("lift an opt-out"))?
+                .execute(params![consent::mailbox(email)])
+                .map_err(ctx("lift an opt-out"))?;
+        }
         Ok(())
     }
 
@@ -235,6 +237,7 @@ impl Store {
     /// confirmation emails too) are deleted, and nothing is stored for it again until a
     /// trusted SUB. Returns the pairs deleted.
     fn opt_out(&mut self, email: &str, now: i64) -> Result<u32, StoreError> {
+        self.optouts_maybe = true;
         self.db
             .prepare_cached("INSERT INTO optouts(mailbox, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
             .map_err(ctx("opt out"))?
