@@ -279,6 +279,35 @@ fn one_mailbox_gets_one_confirmation_per_interval() {
     assert_eq!(spooled(&d, "confirm-").len(), 2);
 }
 
+/// Many mailboxes at one domain, then at a thousand domains, all from one client:
+/// confirmation emails stop at `confirm_domain_rate` per domain and `confirm_rate` in all
+/// per hour; the replies do not change, and every pair waits pending for its turn.
+#[test]
+fn confirmation_emails_stop_at_the_domain_and_total_rates() {
+    let d = start("sub_rate = 100000\nmax_subs_per_conn = 2000\nconfirm_domain_rate = 2\nconfirm_rate = 5\n");
+    let mut u = d.client();
+    for i in 0..10 {
+        u.cmd(&format!("SUB rate m{i}@same.example"));
+        u.expect("+OK SUB rate pending");
+    }
+    for i in 0..1000 {
+        u.cmd(&format!("SUB rate n@d{i}.example"));
+        u.expect("+OK SUB rate pending");
+    }
+    let db = d.db();
+    let n = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        n("SELECT count(*) FROM confirmations WHERE domain = 'same.example'"),
+        2,
+        "confirm_domain_rate"
+    );
+    assert_eq!(n("SELECT count(*) FROM confirmations"), 5, "confirm_rate");
+    assert_eq!(n("SELECT count(*) FROM subscriptions WHERE confirmed_at IS NULL"), 1010, "all wait pending");
+    wait_spooled(&d, "confirm-", 5);
+    u.sync();
+    assert_eq!(spooled(&d, "confirm-").len(), 5);
+}
+
 /// A SUB storm from one address meets `sub_rate`: `-ERR LIMIT` saying when to retry, and
 /// the refused SUB's live part does not start; UNSUB counts too; trusted connections are
 /// not limited.
