@@ -442,17 +442,7 @@ fn offline_policy_counts_only_trusted_live_connections() {
 /// notif to the daemon with `args`, killed if it runs past the wait; (status, stdout,
 /// stderr).
 fn notif(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_notif"))
-        .env_remove("NOTIF_HOST")
-        .env_remove("NOTIF_PORT")
-        .env_remove("NOTIF_TOKEN")
-        .args(["-H", "127.0.0.1", "-p", &d.port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn notif");
+    let mut child = util::notif_command(d.port, args).spawn().expect("spawn notif");
     let mut status = None;
     util::wait_until("notif to exit", WAIT, || {
         status = child.try_wait().unwrap();

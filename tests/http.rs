@@ -401,17 +401,7 @@ fn a_slow_consumer_is_counted() {
 /// `notif ARGS` to the daemon on 127.0.0.1, killed if it runs past 30 s; its status and
 /// standard output.
 fn notif(port: u16, args: &[&str]) -> (i32, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_notif"))
-        .env_remove("NOTIF_HOST")
-        .env_remove("NOTIF_PORT")
-        .env_remove("NOTIF_TOKEN")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start notif");
+    let mut child = util::notif_command(port, args).spawn().expect("start notif");
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() >= deadline {

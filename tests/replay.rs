@@ -490,9 +490,6 @@ fn a_part_that_cannot_be_fetched_ends_the_connection() {
     c.expect("+OK WATCH e");
 }
 
-/// The client, built with the daemon.
-const NOTIF: &str = env!("CARGO_BIN_EXE_notif");
-
 /// A running notif whose output the test reads when it wants (until then its stdout
 /// pipe fills and notif stops reading its socket: a slow consumer).
 struct Notif {
@@ -503,17 +500,7 @@ struct Notif {
 
 impl Notif {
     fn spawn(port: u16, args: &[&str]) -> Notif {
-        let mut child = std::process::Command::new(NOTIF)
-            .env_remove("NOTIF_HOST")
-            .env_remove("NOTIF_PORT")
-            .env_remove("NOTIF_TOKEN")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start notif");
+        let mut child = util::notif_command(port, args).spawn().expect("start notif");
         let stderr = child.stderr.take().unwrap();
         let (tx, err) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

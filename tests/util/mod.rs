@@ -809,3 +809,18 @@ pub fn said(lines: &std::sync::mpsc::Receiver<String>, word: &str, who: &str) ->
         }
     }
 }
+
+/// `notif -H 127.0.0.1 -p PORT ARGS`, with the test's own `NOTIF_*` variables removed
+/// and its output piped (input from /dev/null), ready to spawn.
+pub fn notif_command(port: u16, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_notif"));
+    c.env_remove("NOTIF_HOST")
+        .env_remove("NOTIF_PORT")
+        .env_remove("NOTIF_TOKEN")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
