@@ -244,6 +244,13 @@ impl Reactor {
     /// returns why the daemon cannot go on.
     pub fn run(&mut self) -> Result<i32, String> {
         let mut events = Events::with_capacity(1024);
+        // One turn's work before the first wait: what `wait_store` read from the children
+        // (a mailer's hello, the first id block) woke nothing, and the first request for
+        // due emails would otherwise wait for an unrelated event (a client, a signal).
+        self.clients.sweep.set_clock(Instant::now());
+        if let Some(status) = self.end_turn()? {
+            return Ok(status);
+        }
         loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -256,13 +263,19 @@ impl Reactor {
             for ev in events.iter() {
                 self.dispatch(Source::of(ev.token()), ev.is_readable(), ev.is_writable());
             }
-            let status = self.after_events();
-            if let Some(why) = self.fatal.take() {
-                return Err(why);
-            }
-            if let Some(status) = status {
+            if let Some(status) = self.end_turn()? {
                 return Ok(status);
             }
+        }
+    }
+
+    /// The work after a turn's events; `Ok(Some(status))` once stopped, `Err` for a fatal
+    /// error (a child speaking another record version).
+    fn end_turn(&mut self) -> Result<Option<i32>, String> {
+        let status = self.after_events();
+        match self.fatal.take() {
+            Some(why) => Err(why),
+            None => Ok(status),
         }
     }
 
