@@ -27,6 +27,19 @@ fn small_buffer(addr: SocketAddr) -> TcpStream {
     s.into()
 }
 
+/// A connection with a small receive buffer, its greeting read: the writing half and a
+/// reader over a 4 KiB buffer, so that the server meets a slow reader.
+fn slow_reader(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let sock = small_buffer(addr);
+    let w = sock.try_clone().unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut r = BufReader::with_capacity(4096, sock);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HELLO "), "{line:?}");
+    (w, r)
+}
+
 /// Stops the daemon, adds `n` notifications of `event` straight into its database with
 /// ids from the next unreserved one (moving `next_id` past them, as a reservation
 /// would), and starts it again. Returns the first id.
@@ -351,13 +364,8 @@ fn a_million_kept_notifications_replay_to_a_slow_reader_in_bounded_memory() {
     let text = "n".repeat(100);
     let first = insert_kept(&mut d, "big", N, &text);
     let start_rss = util::rss(d.pid());
-    let sock = small_buffer(d.addr());
-    let mut w = sock.try_clone().unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut r = BufReader::with_capacity(4096, sock);
+    let (mut w, mut r) = slow_reader(d.addr());
     let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HELLO "), "{line:?}");
     w.write_all(format!("WATCH big SINCE {}\r\n", first - 1).as_bytes()).unwrap();
     line.clear();
     r.read_line(&mut line).unwrap();
@@ -638,12 +646,8 @@ fn a_store_killed_mid_replay_resumes_it_from_the_last_id_sent() {
     let mut d = Daemon::start("sync = \"normal\"");
     let text = "y".repeat(100);
     let first = insert_kept(&mut d, "e", N, &text);
-    let sock = small_buffer(d.addr());
-    let mut w = sock.try_clone().unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut r = BufReader::with_capacity(4096, sock);
+    let (mut w, mut r) = slow_reader(d.addr());
     let mut line = String::new();
-    r.read_line(&mut line).unwrap();
     // A command is read only once ids are reserved: a round trip first, so that the
     // stopped store below holds up nothing but the replay.
     w.write_all(b"PING\r\n").unwrap();

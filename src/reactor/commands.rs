@@ -329,7 +329,7 @@ impl Reactor {
             }
         }
         for k in slow {
-            self.drop_conn(k, "slow consumer");
+            self.drop_conn(k, super::limits::Dropped::SlowConsumer);
         }
         self.counters.publications += 1;
         self.counters.messages_sent += n;

@@ -261,7 +261,7 @@ impl Reactor {
             {
                 // `>`: the clock is coarse, so `quiet > idle` is more than `idle` seconds.
                 log::debug!("{}: no command for {idle} s; closing", c.peer);
-                self.drop_conn(key, "idle");
+                self.drop_conn(key, Dropped::Idle);
             }
         }
         if end >= self.clients.key_limit {
@@ -278,7 +278,7 @@ impl Reactor {
     /// output dropped (a dropped subscriber resumes with SINCE), the line is written now
     /// as far as the socket takes it, and the connection closes once it is out or after
     /// [`DROP_LINGER`] seconds. The memory it held is given back at once.
-    pub(super) fn drop_conn(&mut self, key: usize, why: &str) {
+    pub(super) fn drop_conn(&mut self, key: usize, why: Dropped) {
         let tick = self.clients.sweep.tick;
         let Some(c) = self.clients.conns.get_mut(key) else { return };
         if c.lingering || c.state == State::Closing {
@@ -297,8 +297,8 @@ impl Reactor {
         c.state = State::Draining;
         c.lingering = true;
         c.last_cmd = tick;
-        protocol::err(&mut c.out, Code::Busy, why);
-        if why == "slow consumer" {
+        protocol::err(&mut c.out, Code::Busy, why.text());
+        if why == Dropped::SlowConsumer {
             self.counters.slow_consumers += 1;
         }
         let dead = c.flush(&[]).is_err();
@@ -341,7 +341,26 @@ impl Reactor {
                  max_pending_total ({max}); disconnecting",
                 self.clients.conns[key].peer
             );
-            self.drop_conn(key, "slow consumer");
+            self.drop_conn(key, Dropped::SlowConsumer);
+        }
+    }
+}
+
+/// Why a connection is dropped with `-ERR BUSY <text>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dropped {
+    /// Over `max_pending`, or among the largest when all are over `max_pending_total`.
+    SlowConsumer,
+    /// No live subscription and no command for `idle_timeout`.
+    Idle,
+}
+
+impl Dropped {
+    /// The text of its `-ERR BUSY` line (notifd-protocol(7)).
+    fn text(self) -> &'static str {
+        match self {
+            Dropped::SlowConsumer => "slow consumer",
+            Dropped::Idle => "idle",
         }
     }
 }
